@@ -1,0 +1,149 @@
+"""The handler API: an App collects handlers and hooks; workers run them."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+
+if TYPE_CHECKING:
+    from aserver.worker.connection import Connection
+
+
+class Status(enum.IntEnum):
+    """Reply status codes the framework itself sends. Services use values below
+    0xFFFF0000; the range from there up is reserved."""
+
+    OK = 0
+    UNKNOWN_COMMAND = 0xFFFF0001  # no handler for the request's cmd_id
+    HANDLER_ERROR = 0xFFFF0002  # the handler raised; the traceback is in the worker's log
+    WORKER_LOST = 0xFFFF0003  # the worker died while holding the request
+    BAD_REQUEST = 0xFFFF0004  # the body could not be decoded for the handler
+
+
+class Reply(NamedTuple):
+    """What a handler may return instead of bare body bytes."""
+
+    body: bytes | bytearray | memoryview = b""
+    status: int = 0
+
+
+class Request:
+    """One request packet, as a handler sees it."""
+
+    __slots__ = ("seq_num", "cmd_id", "status_code", "user_id", "body", "connection")
+
+    def __init__(
+        self,
+        seq_num: int,
+        cmd_id: int,
+        status_code: int,
+        user_id: int,
+        body: bytes,
+        connection: Connection,
+    ) -> None:
+        self.seq_num = seq_num
+        self.cmd_id = cmd_id
+        self.status_code = status_code
+        self.user_id = user_id
+        self.body = body
+        self.connection = connection
+
+    @property
+    def peer(self) -> tuple[str, int]:
+        """The client's (host, port)."""
+        return self.connection.peer
+
+    def __repr__(self) -> str:
+        return (
+            f"Request(cmd_id={self.cmd_id}, seq_num={self.seq_num}, user_id={self.user_id}, "
+            f"body={len(self.body)} bytes, connection={self.connection.id:#x})"
+        )
+
+
+HandlerResult = bytes | bytearray | memoryview | Reply | None
+Handler = Callable[[Request], Awaitable[HandlerResult]]
+ConnectionHook = Callable[["Connection"], Awaitable[None]]
+Hook = Callable[[], Awaitable[None]]
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _require_async(fn: Callable, what: str) -> None:
+    import inspect
+
+    if not inspect.iscoroutinefunction(fn):
+        raise TypeError(f"{what} {getattr(fn, '__qualname__', fn)!r} must be an async function")
+
+
+class App:
+    """Register handlers with decorators:
+
+        app = App()
+
+        @app.handler(1)
+        async def echo(request: Request) -> bytes:
+            return request.body
+    """
+
+    def __init__(self, name: str = "") -> None:
+        self.name = name
+        self.handlers: dict[int, Handler] = {}
+        self.connect_hooks: list[ConnectionHook] = []
+        self.disconnect_hooks: list[ConnectionHook] = []
+        self.startup_hooks: list[Hook] = []
+        self.shutdown_hooks: list[Hook] = []
+        self.periodic: list[tuple[float, Hook]] = []
+
+    def handler(self, cmd_id: int) -> Callable[[F], F]:
+        if not isinstance(cmd_id, int) or not 0 <= cmd_id <= 0xFFFF:
+            raise ValueError(f"cmd_id must be an integer in 0-65535, got {cmd_id!r}")
+
+        def register(fn: F) -> F:
+            _require_async(fn, f"handler for cmd_id {cmd_id}")
+            if cmd_id in self.handlers:
+                raise ValueError(f"cmd_id {cmd_id} already has a handler: {self.handlers[cmd_id].__qualname__}")
+            self.handlers[cmd_id] = fn
+            return fn
+
+        return register
+
+    def on_connect(self, fn: F) -> F:
+        _require_async(fn, "on_connect hook")
+        self.connect_hooks.append(fn)
+        return fn
+
+    def on_disconnect(self, fn: F) -> F:
+        _require_async(fn, "on_disconnect hook")
+        self.disconnect_hooks.append(fn)
+        return fn
+
+    def on_startup(self, fn: F) -> F:
+        _require_async(fn, "on_startup hook")
+        self.startup_hooks.append(fn)
+        return fn
+
+    def on_shutdown(self, fn: F) -> F:
+        _require_async(fn, "on_shutdown hook")
+        self.shutdown_hooks.append(fn)
+        return fn
+
+    def every(self, seconds: float) -> Callable[[F], F]:
+        if not seconds > 0:
+            raise ValueError(f"every() needs a positive interval, got {seconds!r}")
+
+        def register(fn: F) -> F:
+            _require_async(fn, "periodic hook")
+            self.periodic.append((float(seconds), fn))
+            return fn
+
+        return register
+
+    def include(self, other: App) -> None:
+        """Merge another app's registrations into this one (cmd_ids must not clash)."""
+        for cmd_id, fn in other.handlers.items():
+            self.handler(cmd_id)(fn)
+        self.connect_hooks += other.connect_hooks
+        self.disconnect_hooks += other.disconnect_hooks
+        self.startup_hooks += other.startup_hooks
+        self.shutdown_hooks += other.shutdown_hooks
+        self.periodic += other.periodic

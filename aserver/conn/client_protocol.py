@@ -1,0 +1,120 @@
+"""One client connection inside a conn process: framing in, replies out, flow control."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from aserver.conn.routing import ConnectionInfo
+from aserver.protocol import FrameDecoder, ProtocolError
+
+if TYPE_CHECKING:
+    from aserver.conn.server import ConnServer
+
+log = logging.getLogger("aserver.conn")
+
+# Why reading is paused; reading resumes when no reason is left.
+PAUSED_FOR_RING = 1  # a worker's request ring is full
+PAUSED_FOR_CLIENT = 2  # the client is not reading its replies
+
+
+class ClientProtocol(asyncio.Protocol):
+    __slots__ = (
+        "_server",
+        "_decoder",
+        "_paused",
+        "_replies",
+        "transport",
+        "conn_id",
+        "info",
+        "worker",
+        "closed",
+    )
+
+    def __init__(self, server: ConnServer) -> None:
+        self._server = server
+        self._decoder = FrameDecoder(server.codec, server.max_packet_size)
+        self._paused = 0
+        self._replies: list[bytes] = []
+        self.transport: asyncio.Transport | None = None
+        self.conn_id = 0
+        self.worker = 0
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername") or ("?", 0)
+        server = self._server
+        if not server.admit(peer):
+            self.closed = True
+            transport.abort()
+            return
+        self.conn_id = server.next_conn_id()
+        self.info = ConnectionInfo(self.conn_id, (peer[0], peer[1]))
+        transport.set_write_buffer_limits(high=256 * 1024)
+        server.opened(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            run = self._decoder.feed(data)
+        except ProtocolError as exc:
+            self._server.protocol_error(self, str(exc))
+            return
+        if run:
+            self._server.forward(self, run)
+
+    def eof_received(self) -> bool:
+        return False  # close our side too; replies already queued are still flushed
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._server.closed(self)
+
+    # Replies -----------------------------------------------------------------------
+
+    def queue_reply(self, packets: bytes) -> bool:
+        """Buffer replies until `flush_replies`; returns True if this is the first."""
+        self._replies.append(packets)
+        return len(self._replies) == 1
+
+    def flush_replies(self) -> None:
+        replies = self._replies
+        self._replies = []
+        transport = self.transport
+        if self.closed or transport is None or transport.is_closing():
+            return
+        transport.writelines(replies) if len(replies) > 1 else transport.write(replies[0])
+        backlog = transport.get_write_buffer_size()
+        if backlog > self._server.max_reply_backlog:
+            self._server.slow_reader(self, backlog)
+
+    # Flow control ------------------------------------------------------------------
+
+    def pause(self, reason: int) -> None:
+        if not self._paused and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        self._paused |= reason
+
+    def resume(self, reason: int) -> None:
+        if not self._paused & reason:
+            return
+        self._paused &= ~reason
+        if not self._paused and not self.closed and self.transport is not None:
+            self.transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        self.pause(PAUSED_FOR_CLIENT)
+
+    def resume_writing(self) -> None:
+        self.resume(PAUSED_FOR_CLIENT)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()

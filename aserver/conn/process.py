@@ -1,0 +1,31 @@
+"""Entry point of a conn process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aserver.conn.server import ConnServer
+from aserver.supervisor.child import ChildControl, open_consumer, open_producer, run_child, startup_failed
+from aserver.supervisor.spec import ChildSpec
+
+log = logging.getLogger("aserver.conn")
+
+
+async def conn_process(spec: ChildSpec) -> None:
+    await run_child(spec, _serve)
+
+
+async def _serve(spec: ChildSpec, control: ChildControl) -> None:
+    loop = asyncio.get_running_loop()
+    try:
+        rings = [(open_producer(requests), open_consumer(replies)) for requests, replies in spec.rings]
+        server = ConnServer(spec.settings, spec.index, spec.incarnation, rings, loop)
+        assert spec.listener is not None
+        await server.start(spec.listener)
+    except Exception as exc:
+        startup_failed(control, f"conn {spec.index} could not start", exc)
+    control.report("ready")
+    await control.stop.wait()
+    log.info("stopping: closing %d connections", len(server.connections))
+    await server.stop(spec.settings.server.stop_timeout)

@@ -1,0 +1,217 @@
+"""Event-loop ends of a ring: a sender that never drops, a receiver that batches.
+
+Both the conn process (requests out, replies in) and the workers (the reverse) use these,
+so backpressure and wakeups work the same way in both directions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+
+from aserver.ipc.ring import RingReader, RingWriter
+
+log = logging.getLogger(__name__)
+
+# Publish early once this much is written but unpublished: without it the two processes
+# convoy (one fills while the other idles) and throughput halves.
+EARLY_PUBLISH_BYTES = 8192
+# Safety net against a lost wakeup; also retries a sender waiting for room.
+POLL_INTERVAL = 0.1
+
+
+class RingSender:
+    """Writes records, publishing once per loop iteration. When the ring is full, records
+    wait in order in an in-process queue (never dropped) and `send` returns False so the
+    caller can stop reading from its sources; `on_room` is called once the queue empties."""
+
+    def __init__(
+        self,
+        writer: RingWriter,
+        loop: asyncio.AbstractEventLoop,
+        on_room: Callable[[], None],
+    ) -> None:
+        self._writer = writer
+        self._loop = loop
+        self._on_room = on_room
+        self._overflow: deque[tuple[int, int, tuple]] = deque()
+        self._publish_scheduled = False
+        self._waiting = False
+        self._poll: asyncio.TimerHandle | None = None
+        self.max_payload = writer.max_payload
+
+    @property
+    def backlogged(self) -> bool:
+        return bool(self._overflow)
+
+    @property
+    def fill(self) -> int:
+        return self._writer.fill()
+
+    def send(self, kind: int, conn_id: int, *chunks: bytes | bytearray | memoryview) -> bool:
+        writer = self._writer
+        if not self._overflow and writer.try_write(kind, conn_id, *chunks):
+            if writer.unpublished >= EARLY_PUBLISH_BYTES:
+                writer.publish()
+            elif not self._publish_scheduled:
+                self._publish_scheduled = True
+                self._loop.call_soon(self._publish)
+            return True
+        self._overflow.append((kind, conn_id, chunks))
+        if not self._waiting:
+            self._start_waiting()
+        return False
+
+    def flush(self) -> None:
+        """Publish now (used at shutdown)."""
+        self._writer.publish()
+
+    def close(self) -> None:
+        """Publish what is written and unmap the ring (the last call on this sender)."""
+        self._stop_waiting()
+        self._writer.publish()
+        self._writer.close()
+
+    def _publish(self) -> None:
+        self._publish_scheduled = False
+        self._writer.publish()
+
+    def _start_waiting(self) -> None:
+        self._writer.publish()  # the reader must see what is there to make room
+        self._waiting = True
+        self._loop.add_reader(self._writer.space_fd, self._on_space)
+        self._poll = self._loop.call_later(POLL_INTERVAL, self._on_poll)
+        if self._writer.wait_for_space():
+            self._loop.call_soon(self._retry)
+
+    def _stop_waiting(self) -> None:
+        if self._waiting:
+            self._waiting = False
+            self._loop.remove_reader(self._writer.space_fd)
+            if self._poll is not None:
+                self._poll.cancel()
+                self._poll = None
+
+    def _on_space(self) -> None:
+        self._writer.space_woken()
+        self._retry()
+
+    def _on_poll(self) -> None:
+        self._poll = None
+        self._writer.space_woken()
+        self._retry()
+        if self._waiting:
+            self._poll = self._loop.call_later(POLL_INTERVAL, self._on_poll)
+
+    def _retry(self) -> None:
+        writer = self._writer
+        overflow = self._overflow
+        while overflow:
+            kind, conn_id, chunks = overflow[0]
+            if not writer.try_write(kind, conn_id, *chunks):
+                writer.publish()
+                if writer.wait_for_space():
+                    self._loop.call_soon(self._retry)
+                return
+            overflow.popleft()
+        writer.publish()
+        self._stop_waiting()
+        self._on_room()
+
+
+class RingReceiver:
+    """Drains records in batches of up to `batch` and hands each batch to `on_records`.
+
+    Sleeps on the wake pipe only after telling the writer so (see ring.py). `pause` stops
+    draining, leaving records in the ring, which in turn pushes back on the writer.
+    """
+
+    def __init__(
+        self,
+        reader: RingReader,
+        loop: asyncio.AbstractEventLoop,
+        on_records: Callable[[list[tuple[int, int, bytes]]], None],
+        batch: int = 512,
+    ) -> None:
+        self._reader = reader
+        self._loop = loop
+        self._on_records = on_records
+        self._batch = batch
+        self._paused = False
+        self._drain_scheduled = False
+        self._poll: asyncio.TimerHandle | None = None
+        self._started = False
+
+    @property
+    def fill(self) -> int:
+        return self._reader.fill()
+
+    def start(self) -> None:
+        self._started = True
+        self._loop.add_reader(self._reader.wake_fd, self._on_wake)
+        self._poll = self._loop.call_later(POLL_INTERVAL, self._on_poll)
+        self._schedule_drain()
+
+    def stop(self) -> None:
+        if self._started:
+            self._started = False
+            self._loop.remove_reader(self._reader.wake_fd)
+            if self._poll is not None:
+                self._poll.cancel()
+
+    def close(self) -> None:
+        """Stop and unmap the ring (the last call on this receiver)."""
+        self.stop()
+        self._reader.close()
+
+    def pause(self) -> None:
+        self._paused = True
+
+    def resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            self._schedule_drain()
+
+    def drain_now(self) -> None:
+        """Drain everything available, ignoring pause (used at shutdown)."""
+        while True:
+            records = self._reader.read_batch(self._batch)
+            if not records:
+                return
+            self._reader.release()
+            self._on_records(records)
+
+    def _on_wake(self) -> None:
+        self._reader.woken()
+        self._drain()
+
+    def _on_poll(self) -> None:
+        self._poll = self._loop.call_later(POLL_INTERVAL, self._on_poll)
+        self._drain()
+
+    def _schedule_drain(self) -> None:
+        if not self._drain_scheduled:
+            self._drain_scheduled = True
+            self._loop.call_soon(self._scheduled_drain)
+
+    def _scheduled_drain(self) -> None:
+        self._drain_scheduled = False
+        self._drain()
+
+    def _drain(self) -> None:
+        if self._paused or not self._started:
+            return
+        reader = self._reader
+        records = reader.read_batch(self._batch)
+        if records:
+            reader.release()
+            self._on_records(records)
+            if len(records) == self._batch or self._paused:
+                # More may be waiting: come back after other callbacks had their turn.
+                if not self._paused:
+                    self._schedule_drain()
+                return
+        if not reader.prepare_sleep():
+            self._schedule_drain()

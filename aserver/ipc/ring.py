@@ -1,0 +1,252 @@
+"""A single-producer single-consumer byte ring in shared memory.
+
+Layout (every shared u64 alone on its own 64-byte line, so reads are never torn):
+
+    0    capacity           set once by the creator
+    64   write_pos          producer publishes; monotonic byte count
+    128  read_pos           consumer publishes; monotonic byte count
+    192  reader_sleeping    consumer sets before it waits on its wake pipe
+    256  writer_waiting     producer sets before it waits for space
+    DATA_OFFSET             capacity bytes of records
+
+A record is a 16-byte header (payload length u32, kind u32, connection id u64) and its
+payload, padded to 8 bytes. A record never wraps: when it does not fit before the end, the
+producer writes a WRAP record (or, with under 16 bytes left, nothing) and starts again at 0.
+
+Wakeups: the producer writes a byte to the data pipe only when the consumer has said it is
+asleep; the consumer writes to the space pipe only when the producer has said it waits.
+Each side stores its flag, fences, then re-reads the other side's position, so a wakeup
+cannot be lost between the check and the wait (x86 may reorder a store with a later load;
+a lock round trip is a full fence). Both sides also poll on a slow timer as a safety net.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from multiprocessing import shared_memory
+
+DATA_OFFSET = 384
+RECORD_HEADER = struct.Struct("<IIQ")
+RECORD_HEADER_SIZE = RECORD_HEADER.size  # 16
+KIND_WRAP = 0xFFFFFFFF
+
+_CAPACITY, _WRITE_POS, _READ_POS, _READER_SLEEPING, _WRITER_WAITING = 0, 8, 16, 24, 32
+
+_fence_lock = threading.Lock()
+
+
+def fence() -> None:
+    """Full memory barrier: the lock's atomic instructions order stores before loads."""
+    _fence_lock.acquire()
+    _fence_lock.release()
+
+
+def record_size(payload_len: int) -> int:
+    return (RECORD_HEADER_SIZE + payload_len + 7) & ~7
+
+
+def max_payload(capacity: int) -> int:
+    """Largest payload one record may carry: a quarter of the ring, so that an empty ring
+    always has room for it whatever the current offset."""
+    return capacity // 4 - RECORD_HEADER_SIZE
+
+
+def create_segment(name: str, capacity: int) -> shared_memory.SharedMemory:
+    """Create a ring's segment (the supervisor does this, and later unlinks it)."""
+    capacity = (capacity + 7) & ~7
+    shm = shared_memory.SharedMemory(name=name, create=True, size=DATA_OFFSET + capacity)
+    words = shm.buf.cast("Q")
+    words[_CAPACITY] = capacity
+    words.release()
+    return shm
+
+
+def attach_segment(name: str) -> shared_memory.SharedMemory:
+    return shared_memory.SharedMemory(name=name)
+
+
+def _nonblocking_pipe() -> tuple[int, int]:
+    read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    return read_fd, write_fd
+
+
+def _poke(fd: int) -> None:
+    try:
+        os.write(fd, b"\0")
+    except BlockingIOError:
+        pass  # the pipe is full of wakeups already
+
+
+def drain_pipe(fd: int) -> None:
+    try:
+        while len(os.read(fd, 4096)) == 4096:
+            pass
+    except BlockingIOError:
+        pass
+
+
+class _RingSide:
+    def __init__(self, shm: shared_memory.SharedMemory) -> None:
+        self._shm = shm  # keeps the mapping alive as long as the views below
+        self._buf = shm.buf
+        self._words = shm.buf.cast("Q")
+        self.capacity = self._words[_CAPACITY]
+        self.max_payload = max_payload(self.capacity)
+
+    def fill(self) -> int:
+        """Bytes currently in the ring (both positions as published)."""
+        return self._words[_WRITE_POS] - self._words[_READ_POS]
+
+    def close(self) -> None:
+        self._words.release()
+        self._buf = None
+        self._shm.close()
+
+
+class RingWriter(_RingSide):
+    """Producer end. `write` copies a record in; `publish` makes written records visible.
+
+    Callers batch: write many records, publish once per event-loop iteration (or early,
+    once `unpublished` grows), so the consumer sees them with one wakeup.
+    """
+
+    def __init__(self, shm: shared_memory.SharedMemory, wake_fd: int, space_fd: int) -> None:
+        super().__init__(shm)
+        self.wake_fd = wake_fd  # data pipe, write end: wakes the consumer
+        self.space_fd = space_fd  # space pipe, read end: the consumer says there is room
+        self._write = self._words[_WRITE_POS]
+        self._published = self._write
+        self._read = self._words[_READ_POS]
+
+    @property
+    def unpublished(self) -> int:
+        return self._write - self._published
+
+    def try_write(self, kind: int, conn_id: int, *chunks: bytes | bytearray | memoryview) -> bool:
+        """Copy one record in, or return False when there is no room (nothing written)."""
+        length = 0
+        for chunk in chunks:
+            length += len(chunk)
+        if length > self.max_payload:
+            raise ValueError(f"record of {length} bytes exceeds ring limit {self.max_payload}")
+        size = (RECORD_HEADER_SIZE + length + 7) & ~7
+        capacity = self.capacity
+        offset = self._write % capacity
+        tail = capacity - offset
+        need = size if size <= tail else tail + size
+        if need > capacity - (self._write - self._read):
+            self._read = self._words[_READ_POS]
+            if need > capacity - (self._write - self._read):
+                return False
+        buf = self._buf
+        if size > tail:
+            if tail >= RECORD_HEADER_SIZE:
+                RECORD_HEADER.pack_into(buf, DATA_OFFSET + offset, 0, KIND_WRAP, 0)
+            self._write += tail
+            offset = 0
+        at = DATA_OFFSET + offset
+        RECORD_HEADER.pack_into(buf, at, length, kind, conn_id)
+        at += RECORD_HEADER_SIZE
+        for chunk in chunks:
+            end = at + len(chunk)
+            buf[at:end] = chunk
+            at = end
+        self._write += size
+        return True
+
+    def publish(self) -> None:
+        """Make written records visible; wake the consumer if it sleeps."""
+        if self._write == self._published:
+            return
+        self._published = self._write
+        words = self._words
+        words[_WRITE_POS] = self._write
+        fence()
+        if words[_READER_SLEEPING]:
+            _poke(self.wake_fd)
+
+    def wait_for_space(self) -> bool:
+        """Announce that we wait for room. Returns True if room appeared meanwhile
+        (then do not wait); otherwise the space pipe will become readable."""
+        words = self._words
+        words[_WRITER_WAITING] = 1
+        fence()
+        read = words[_READ_POS]
+        if read != self._read:
+            self._read = read
+            words[_WRITER_WAITING] = 0
+            return True
+        return False
+
+    def space_woken(self) -> None:
+        """Call when the space pipe is readable, before retrying writes."""
+        drain_pipe(self.space_fd)
+        self._words[_WRITER_WAITING] = 0
+        self._read = self._words[_READ_POS]
+
+
+class RingReader(_RingSide):
+    """Consumer end. `read_batch` returns records; `release` frees their space."""
+
+    def __init__(self, shm: shared_memory.SharedMemory, wake_fd: int, space_fd: int) -> None:
+        super().__init__(shm)
+        self.wake_fd = wake_fd  # data pipe, read end
+        self.space_fd = space_fd  # space pipe, write end
+        self._read = self._words[_READ_POS]
+        self._words[_READER_SLEEPING] = 0
+
+    def read_batch(self, limit: int) -> list[tuple[int, int, bytes]]:
+        """Copy out up to `limit` records as (kind, conn_id, payload); does not free them."""
+        words = self._words
+        write = words[_WRITE_POS]
+        read = self._read
+        if read == write:
+            return []
+        buf = self._buf
+        capacity = self.capacity
+        unpack = RECORD_HEADER.unpack_from
+        records = []
+        while read < write and len(records) < limit:
+            offset = read % capacity
+            tail = capacity - offset
+            if tail < RECORD_HEADER_SIZE:
+                read += tail
+                continue
+            at = DATA_OFFSET + offset
+            length, kind, conn_id = unpack(buf, at)
+            if kind == KIND_WRAP:
+                read += tail
+                continue
+            start = at + RECORD_HEADER_SIZE
+            records.append((kind, conn_id, bytes(buf[start : start + length])))
+            read += (RECORD_HEADER_SIZE + length + 7) & ~7
+        self._read = read
+        return records
+
+    def release(self) -> None:
+        """Publish our read position; wake the producer if it waits for room."""
+        words = self._words
+        if words[_READ_POS] == self._read:
+            return
+        words[_READ_POS] = self._read
+        fence()
+        if words[_WRITER_WAITING]:
+            _poke(self.space_fd)
+
+    def prepare_sleep(self) -> bool:
+        """Say we are going to wait. Returns False if records arrived meanwhile (drain
+        again instead of waiting)."""
+        words = self._words
+        words[_READER_SLEEPING] = 1
+        fence()
+        if words[_WRITE_POS] != self._read:
+            words[_READER_SLEEPING] = 0
+            return False
+        return True
+
+    def woken(self) -> None:
+        """Call when the data pipe is readable, before draining."""
+        drain_pipe(self.wake_fd)
+        self._words[_READER_SLEEPING] = 0

@@ -1,0 +1,49 @@
+"""What the supervisor hands a child process (pickled across the spawn)."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from multiprocessing import reduction
+
+from aserver.settings import Settings
+
+
+class PassFd:
+    """An fd handed to a spawned child: dup'ed into it while the child is being started."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self):
+        return (_received_fd, (reduction.DupFd(self.fd),))
+
+
+def _received_fd(dup) -> PassFd:
+    return PassFd(dup.detach())
+
+
+@dataclass
+class RingEnd:
+    """One end of a ring: its segment and the two pipe ends this side uses."""
+
+    name: str
+    wake: PassFd  # producer: data pipe write end; consumer: data pipe read end
+    space: PassFd  # producer: space pipe read end; consumer: space pipe write end
+
+
+@dataclass
+class ChildSpec:
+    role: str  # "conn" or "worker"
+    index: int
+    incarnation: int
+    settings: Settings
+    control: PassFd  # write end of the pipe the child reports readiness on
+    # conn: (request ring producer end, reply ring consumer end) per worker
+    # worker: (request ring consumer end, reply ring producer end) per conn process
+    rings: list[tuple[RingEnd, RingEnd]]
+    listener: socket.socket | None = None
+
+    @property
+    def title(self) -> str:
+        return f"aserver[{self.settings.server.name}]: {self.role} {self.index}"

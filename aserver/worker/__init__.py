@@ -1,0 +1,1 @@
+"""Worker processes: run the service's handlers on requests read from the rings."""

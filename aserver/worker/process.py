@@ -1,0 +1,94 @@
+"""Entry point of a worker process."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+
+from aserver.app import App
+from aserver.ipc.channel import RingReceiver, RingSender
+from aserver.protocol import PacketCodec
+from aserver.supervisor.child import ChildControl, open_consumer, open_producer, run_child, startup_failed
+from aserver.supervisor.spec import ChildSpec
+from aserver.worker.dispatcher import Dispatcher
+
+log = logging.getLogger("aserver.worker")
+
+
+def load_app(modules: list[str]) -> App:
+    """Import each handler module ('pkg.mod' or 'pkg.mod:attr', attr defaulting to 'app')
+    and merge their Apps."""
+    merged = App()
+    for spec in modules:
+        module_name, _, attr = spec.partition(":")
+        module = importlib.import_module(module_name)
+        app = getattr(module, attr or "app", None)
+        if not isinstance(app, App):
+            raise ImportError(f"handler module {module_name!r} has no aserver.App named {attr or 'app'!r}")
+        merged.include(app)
+    return merged
+
+
+async def worker_process(spec: ChildSpec) -> None:
+    await run_child(spec, _serve)
+
+
+async def _serve(spec: ChildSpec, control: ChildControl) -> None:
+    loop = asyncio.get_running_loop()
+    settings = spec.settings
+    try:
+        app = load_app(settings.workers.handlers)
+    except Exception as exc:
+        startup_failed(control, f"worker {spec.index}: cannot load handlers", exc)
+    dispatcher = Dispatcher(
+        app,
+        PacketCodec(settings.byte_order),
+        loop,
+        settings.workers.concurrency,
+        settings.workers.max_pending,
+    )
+    senders = []
+    receivers = []
+    for requests, replies in spec.rings:
+        receivers.append(RingReceiver(open_consumer(requests), loop, dispatcher.on_records))
+        senders.append(RingSender(open_producer(replies), loop, dispatcher.on_room))
+    dispatcher.attach(senders, receivers)
+    try:
+        for hook in app.startup_hooks:
+            await hook()
+    except Exception as exc:
+        startup_failed(control, f"worker {spec.index}: on_startup hook failed", exc)
+    periodic = [asyncio.ensure_future(_every(seconds, hook)) for seconds, hook in app.periodic]
+    dispatcher.start()
+    control.report("ready")
+    await control.stop.wait()
+
+    dispatcher.stop_intake()
+    for receiver in receivers:
+        receiver.drain_now()  # what is already in our rings is answered, not lost
+    if not await dispatcher.finish(settings.server.stop_timeout):
+        log.warning("stop timeout: %d requests left unanswered", dispatcher.pending)
+    for task in periodic:
+        task.cancel()
+    for hook in app.shutdown_hooks:
+        try:
+            await hook()
+        except Exception:
+            log.exception("on_shutdown hook %s failed", hook.__qualname__)
+    for receiver in receivers:
+        receiver.close()
+    for sender in senders:
+        sender.close()
+
+
+async def _every(seconds: float, hook) -> None:
+    loop = asyncio.get_running_loop()
+    next_run = loop.time() + seconds
+    while True:
+        await asyncio.sleep(max(0.0, next_run - loop.time()))
+        next_run += seconds
+        try:
+            await hook()
+        except Exception:
+            log.exception("periodic hook %s failed", hook.__qualname__)
