@@ -91,13 +91,21 @@ def parse_bind(value: str) -> tuple[str, int]:
     return host, port
 
 
+def _check_routing(value: str) -> None:
+    if value not in ("connection", "user_id") and ":" not in value:
+        raise ValueError(f"{value!r} is not 'connection', 'user_id' or 'module:function'")
+
+
+# Rules on single values that msgspec's constraints cannot express.
+_KEY_CHECKS = {
+    ("server", "bind"): parse_bind,
+    ("workers", "routing"): _check_routing,
+}
+
+
 def _check(settings: Settings) -> list[str]:
-    """Cross-field rules msgspec's per-field constraints cannot express."""
+    """Rules across keys."""
     problems = []
-    try:
-        settings.bind_address
-    except ValueError as exc:
-        problems.append(f"server.bind: {exc}")
     # A ring must hold a maximum-size packet with room to spare, or one such packet
     # would stall its connection forever.
     need = 4 * (settings.server.max_packet_size + 64)
@@ -105,11 +113,6 @@ def _check(settings: Settings) -> list[str]:
         problems.append(
             f"ring.size: {settings.ring.size} is too small for server.max_packet_size "
             f"{settings.server.max_packet_size} (needs at least {need})"
-        )
-    routing = settings.workers.routing
-    if routing not in ("connection", "user_id") and ":" not in routing:
-        problems.append(
-            f"workers.routing: {routing!r} is not 'connection', 'user_id' or 'module:function'"
         )
     return problems
 
@@ -171,6 +174,13 @@ def _per_key_problems(raw: dict) -> list[str]:
                 msgspec.convert({key: value}, struct_type)
             except msgspec.ValidationError as exc:
                 problems.append(_explain(exc, prefix=section))
+                continue
+            check = _KEY_CHECKS.get((section, key))
+            if check is not None:
+                try:
+                    check(value)
+                except ValueError as exc:
+                    problems.append(f"{section}.{key}: {exc}")
     return problems
 
 

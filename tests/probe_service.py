@@ -1,0 +1,82 @@
+"""Handlers the integration tests run inside the real server.
+
+Events that tests must observe from outside (hooks running in every worker) are appended
+to files in $PROBE_EVENTS_DIR, one file per worker process.
+"""
+
+import asyncio
+import os
+
+from aserver import App, Connection, Reply, Request
+
+app = App("probe")
+
+ECHO, FAIL, SLOW_ECHO, CLOSE_ME, TRIPLE, WHO, BAD_RETURN, STATUS = 1, 3, 4, 5, 6, 7, 8, 9
+
+
+def _record(event: str, conn: Connection) -> None:
+    directory = os.environ.get("PROBE_EVENTS_DIR")
+    if directory:
+        with open(os.path.join(directory, f"{os.getpid()}.log"), "a") as f:
+            f.write(f"{event} {conn.id} {conn.peer[0]} {conn.peer[1]}\n")
+
+
+@app.on_connect
+async def connected(conn: Connection) -> None:
+    _record("connect", conn)
+
+
+@app.on_disconnect
+async def disconnected(conn: Connection) -> None:
+    _record("disconnect", conn)
+
+
+@app.handler(ECHO)
+async def echo(request: Request) -> bytes:
+    return request.body
+
+
+@app.handler(FAIL)
+async def fail(request: Request) -> bytes:
+    raise RuntimeError("deliberate failure for a test")
+
+
+@app.handler(SLOW_ECHO)
+async def slow_echo(request: Request) -> bytes:
+    await asyncio.sleep(int(request.body[:4] or b"100") / 1000)
+    return request.body
+
+
+@app.handler(CLOSE_ME)
+async def close_me(request: Request) -> bytes:
+    request.connection.close()
+    return b"never delivered"
+
+
+@app.handler(TRIPLE)
+async def triple(request: Request) -> None:
+    """Answers three times: twice at once, once later, through the connection handle."""
+    conn = request.connection
+    conn.send(request.cmd_id, b"one", seq_num=request.seq_num)
+    conn.send(request.cmd_id, b"two", seq_num=request.seq_num)
+
+    async def later() -> None:
+        await asyncio.sleep(0.05)
+        conn.send(request.cmd_id, b"three", seq_num=request.seq_num, user_id=7)
+
+    asyncio.ensure_future(later())
+
+
+@app.handler(WHO)
+async def who(request: Request) -> bytes:
+    return f"{os.getpid()} {request.peer[0]}".encode()
+
+
+@app.handler(BAD_RETURN)
+async def bad_return(request: Request) -> int:
+    return 42
+
+
+@app.handler(STATUS)
+async def status(request: Request) -> Reply:
+    return Reply(b"custom", status=1234)
