@@ -31,7 +31,7 @@ class Reply(NamedTuple):
 class Request:
     """One request packet, as a handler sees it."""
 
-    __slots__ = ("seq_num", "cmd_id", "status_code", "user_id", "body", "connection")
+    __slots__ = ("body", "cmd_id", "connection", "seq_num", "status_code", "user_id")
 
     def __init__(
         self,

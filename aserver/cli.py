@@ -10,7 +10,9 @@ from aserver.settings import SettingsError, load
 
 
 def _run_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m aserver", description="Run the aserver supervisor in the foreground.")
+    parser = argparse.ArgumentParser(
+        prog="python -m aserver", description="Run the aserver supervisor in the foreground."
+    )
     parser.add_argument("--settings", default="settings.toml", help="settings file (default: ./settings.toml)")
     parser.add_argument("--bind", metavar="HOST:PORT", help="override server.bind")
     parser.add_argument("--workers", type=int, metavar="N", help="override workers.count")

@@ -10,6 +10,7 @@ import os
 from aserver import App, Connection, Reply, Request
 
 app = App("probe")
+_background: set[asyncio.Task] = set()
 
 ECHO, FAIL, SLOW_ECHO, CLOSE_ME, TRIPLE, WHO, BAD_RETURN, STATUS = 1, 3, 4, 5, 6, 7, 8, 9
 
@@ -64,7 +65,9 @@ async def triple(request: Request) -> None:
         await asyncio.sleep(0.05)
         conn.send(request.cmd_id, b"three", seq_num=request.seq_num, user_id=7)
 
-    asyncio.ensure_future(later())
+    task = asyncio.ensure_future(later())
+    _background.add(task)
+    task.add_done_callback(_background.discard)
 
 
 @app.handler(WHO)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from aserver.client import Client
 from aserver.protocol import PacketCodec
+
 from probe_service import ECHO, SLOW_ECHO
 
 codec = PacketCodec()

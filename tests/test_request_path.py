@@ -11,6 +11,7 @@ import pytest
 from aserver import Status
 from aserver.client import Client
 from aserver.protocol import HEADER_SIZE, PacketCodec
+
 from conftest import MAX_PACKET
 from probe_service import BAD_RETURN, CLOSE_ME, ECHO, FAIL, SLOW_ECHO, STATUS, TRIPLE, WHO
 

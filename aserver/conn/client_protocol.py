@@ -21,15 +21,15 @@ PAUSED_FOR_CLIENT = 2  # the client is not reading its replies
 
 class ClientProtocol(asyncio.Protocol):
     __slots__ = (
-        "_server",
         "_decoder",
         "_paused",
         "_replies",
-        "transport",
+        "_server",
+        "closed",
         "conn_id",
         "info",
+        "transport",
         "worker",
-        "closed",
     )
 
     def __init__(self, server: ConnServer) -> None:

@@ -32,7 +32,9 @@ class WorkerLink:
         # Connections paused because this link's ring was full.
         self.blocked: set[ClientProtocol] = set()
 
-    def send(self, kind: int, conn_id: int, payload: bytes | bytearray | memoryview, source: ClientProtocol | None) -> None:
+    def send(
+        self, kind: int, conn_id: int, payload: bytes | bytearray | memoryview, source: ClientProtocol | None
+    ) -> None:
         if len(payload) > self.sender.max_payload:
             for piece in split_run(payload, self.sender.max_payload, self._server.codec):
                 self.send(kind, conn_id, piece, source)

@@ -155,12 +155,12 @@ class Supervisor:
         *lines, child._buffer = child._buffer.split(b"\n")
         for line in lines:
             message = line.decode(errors="replace")
+            if child.ready is None or child.ready.done():
+                continue
             if message == "ready":
-                if child.ready is not None and not child.ready.done():
-                    child.ready.set_result(None)
+                child.ready.set_result(None)
             elif message.startswith("failed "):
-                if child.ready is not None and not child.ready.done():
-                    child.ready.set_exception(StartupError(message[len("failed "):]))
+                child.ready.set_exception(StartupError(message.removeprefix("failed ")))
 
     def _on_exit(self, child: Child) -> None:
         process = child.process
@@ -172,7 +172,7 @@ class Supervisor:
         if self.stopping.is_set():
             return
         if child.ready is not None and not child.ready.done():
-            reason = "exited with code %s before it was ready" % code
+            reason = f"exited with code {code} before it was ready"
             if code == EXIT_STARTUP_FAILED:
                 reason = "failed to start"
             child.ready.set_exception(StartupError(f"{child.name} {reason}"))

@@ -15,7 +15,7 @@ class Connection:
     `state` is free for the service's per-connection data (kept in this worker).
     """
 
-    __slots__ = ("id", "peer", "state", "closed", "_dispatcher", "_jobs", "_scheduled")
+    __slots__ = ("_dispatcher", "_jobs", "_scheduled", "closed", "id", "peer", "state")
 
     def __init__(self, conn_id: int, peer: tuple[str, int], dispatcher: Dispatcher) -> None:
         self.id = conn_id
