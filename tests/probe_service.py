@@ -83,3 +83,44 @@ async def bad_return(request: Request) -> int:
 @app.handler(STATUS)
 async def status(request: Request) -> Reply:
     return Reply(b"custom", status=1234)
+
+
+TICKS = 10
+_ticks = 0
+
+
+@app.every(0.05)
+async def tick() -> None:
+    global _ticks
+    _ticks += 1
+
+
+@app.handler(TICKS)
+async def ticks(request: Request) -> bytes:
+    return str(_ticks).encode()
+
+
+@app.on_startup
+async def started() -> None:
+    app.started = True  # type: ignore[attr-defined]
+
+
+STARTED = 11
+
+
+@app.handler(STARTED)
+async def was_started(request: Request) -> bytes:
+    return b"yes" if getattr(app, "started", False) else b"no"
+
+
+@app.on_shutdown
+async def stopping() -> None:
+    directory = os.environ.get("PROBE_EVENTS_DIR")
+    if directory:
+        with open(os.path.join(directory, f"shutdown-{os.getpid()}"), "w") as f:
+            f.write("clean")
+
+
+def route(header, connection, workers: int) -> int:
+    """Routing hook for tests: small user ids to worker 0, the rest to the last worker."""
+    return 0 if header.user_id < 1000 else workers - 1

@@ -52,7 +52,8 @@ class ClientProtocol(asyncio.Protocol):
             return
         self.conn_id = server.next_conn_id()
         self.info = ConnectionInfo(self.conn_id, (peer[0], peer[1]))
-        transport.set_write_buffer_limits(high=256 * 1024)
+        # Pause a client's reads well before its unread replies reach the hard limit.
+        transport.set_write_buffer_limits(high=min(256 * 1024, server.max_reply_backlog // 4))
         server.opened(self)
 
     def data_received(self, data: bytes) -> None:

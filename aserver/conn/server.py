@@ -45,6 +45,7 @@ class WorkerLink:
             # May wait in the overflow queue: hold an immutable copy.
             ok = self.sender.send(kind, conn_id, bytes(payload) if isinstance(payload, memoryview) else payload)
         if not ok and source is not None and not source.closed:
+            log.debug("ring to worker %d full: pausing connection %x", self.index, source.conn_id)
             source.pause(PAUSED_FOR_RING)
             self.blocked.add(source)
 
