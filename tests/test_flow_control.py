@@ -8,6 +8,7 @@ from pathlib import Path
 from aserver.client import Client
 from aserver.protocol import PacketCodec
 from aserver.testing import ServerProcess
+
 from probe_service import ECHO, SLOW_ECHO
 
 TESTS_DIR = str(Path(__file__).parent)
@@ -52,7 +53,7 @@ def _flood_without_reading(address: tuple[str, int]) -> bool:
         try:
             for _ in range(20000):
                 sock.sendall(packet)
-        except (ConnectionResetError, BrokenPipeError, socket.timeout):
+        except (TimeoutError, ConnectionResetError, BrokenPipeError):
             return True
     return False
 

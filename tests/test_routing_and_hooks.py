@@ -7,6 +7,7 @@ import pytest
 
 from aserver.client import Client
 from aserver.testing import ServerProcess
+
 from probe_service import ECHO, STARTED, TICKS, WHO
 
 TESTS_DIR = str(Path(__file__).parent)
