@@ -87,6 +87,8 @@ class App:
 
     def __init__(self, name: str = "") -> None:
         self.name = name
+        # The settings file's [service] table, set in each worker before start-up hooks.
+        self.config: dict[str, Any] = {}
         self.handlers: dict[int, Handler] = {}
         self.connect_hooks: list[ConnectionHook] = []
         self.disconnect_hooks: list[ConnectionHook] = []

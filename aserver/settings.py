@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -60,6 +60,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     workers: WorkerSettings = msgspec.field(default_factory=WorkerSettings)
     ring: RingSettings = msgspec.field(default_factory=RingSettings)
+    # Free-form table for the service's own handlers: `app.config` in every worker.
+    service: dict[str, Any] = msgspec.field(default_factory=dict)
 
     @property
     def byte_order(self) -> ByteOrder:
@@ -169,6 +171,8 @@ def _per_key_problems(raw: dict) -> list[str]:
         if not isinstance(values, dict):
             problems.append(f"{section}: expected a [{section}] table")
             continue
+        if section == "service":
+            continue  # the service's own keys: its handlers validate them
         for key, value in values.items():
             try:
                 msgspec.convert({key: value}, struct_type)

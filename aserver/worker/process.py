@@ -16,16 +16,18 @@ from aserver.worker.dispatcher import Dispatcher
 log = logging.getLogger("aserver.worker")
 
 
-def load_app(modules: list[str]) -> App:
+def load_app(modules: list[str], config: dict | None = None) -> App:
     """Import each handler module ('pkg.mod' or 'pkg.mod:attr', attr defaulting to 'app')
-    and merge their Apps."""
+    and merge their Apps. Each App gets `config` (the [service] table)."""
     merged = App()
+    merged.config = config or {}
     for spec in modules:
         module_name, _, attr = spec.partition(":")
         module = importlib.import_module(module_name)
         app = getattr(module, attr or "app", None)
         if not isinstance(app, App):
             raise ImportError(f"handler module {module_name!r} has no aserver.App named {attr or 'app'!r}")
+        app.config = merged.config
         merged.include(app)
     return merged
 
@@ -38,7 +40,7 @@ async def _serve(spec: ChildSpec, control: ChildControl) -> None:
     loop = asyncio.get_running_loop()
     settings = spec.settings
     try:
-        app = load_app(settings.workers.handlers)
+        app = load_app(settings.workers.handlers, settings.service)
     except Exception as exc:
         startup_failed(control, f"worker {spec.index}: cannot load handlers", exc)
     dispatcher = Dispatcher(
