@@ -34,6 +34,24 @@ class ServerSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_reply_backlog: Annotated[int, msgspec.Meta(ge=64 * 1024)] = 16 * 1024 * 1024
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     stop_timeout: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
+    # Conn processes sharing the listening socket; losing one loses only its clients.
+    conn_processes: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+
+
+class SupervisorSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # Locked while the server runs: a second instance with the same file is refused.
+    # `status` talks to the supervisor through "<pid_file>.sock".
+    pid_file: Annotated[str, msgspec.Meta(min_length=1)] = "aserver.pid"
+    # A child whose event loop does not answer a ping for heartbeat_timeout is killed.
+    heartbeat_interval: Annotated[float, msgspec.Meta(gt=0, le=60)] = 1.0
+    heartbeat_timeout: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
+    # More than max_restarts deaths of one child within restart_window seconds stops
+    # the server instead of restarting it forever.
+    max_restarts: Annotated[int, msgspec.Meta(ge=0)] = 5
+    restart_window: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    # "module:function" called in the supervisor as f(role, index, pid, exitcode) after
+    # any child exits: the place for a crash alert.
+    on_child_exit: str = ""
 
 
 class WorkerSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -60,6 +78,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     workers: WorkerSettings = msgspec.field(default_factory=WorkerSettings)
     ring: RingSettings = msgspec.field(default_factory=RingSettings)
+    supervisor: SupervisorSettings = msgspec.field(default_factory=SupervisorSettings)
     # Free-form table for the service's own handlers: `app.config` in every worker.
     service: dict[str, Any] = msgspec.field(default_factory=dict)
 
@@ -98,10 +117,16 @@ def _check_routing(value: str) -> None:
         raise ValueError(f"{value!r} is not 'connection', 'user_id' or 'module:function'")
 
 
+def _check_hook(value: str) -> None:
+    if value and ":" not in value:
+        raise ValueError(f"{value!r} is not 'module:function'")
+
+
 # Rules on single values that msgspec's constraints cannot express.
 _KEY_CHECKS = {
     ("server", "bind"): parse_bind,
     ("workers", "routing"): _check_routing,
+    ("supervisor", "on_child_exit"): _check_hook,
 }
 
 
@@ -116,7 +141,51 @@ def _check(settings: Settings) -> list[str]:
             f"ring.size: {settings.ring.size} is too small for server.max_packet_size "
             f"{settings.server.max_packet_size} (needs at least {need})"
         )
+    if settings.supervisor.heartbeat_timeout <= settings.supervisor.heartbeat_interval:
+        problems.append(
+            f"supervisor.heartbeat_timeout: {settings.supervisor.heartbeat_timeout} must be longer than "
+            f"supervisor.heartbeat_interval {settings.supervisor.heartbeat_interval}"
+        )
     return problems
+
+
+# What a reload (SIGHUP) can change; anything else needs a restart.
+RELOADABLE = {
+    ("workers", "handlers"),
+    ("workers", "concurrency"),
+    ("workers", "max_pending"),
+    ("server", "log_level"),
+    ("server", "stop_timeout"),
+    ("service", None),
+}
+
+
+def reload_merge(old: Settings, new: Settings) -> tuple[Settings, list[str]]:
+    """The settings to run after a reload: `new` where it may change, `old` elsewhere.
+    Also returns the keys that changed but need a restart."""
+    merged = msgspec.structs.replace(old)
+    needs_restart = []
+    for section in msgspec.structs.fields(Settings):
+        name = section.name
+        old_value, new_value = getattr(old, name), getattr(new, name)
+        if not isinstance(old_value, msgspec.Struct):
+            if (name, None) in RELOADABLE:
+                merged = msgspec.structs.replace(merged, **{name: new_value})
+            elif old_value != new_value:
+                needs_restart.append(name)
+            continue
+        changes = {}
+        for field in msgspec.structs.fields(type(old_value)):
+            before, after = getattr(old_value, field.name), getattr(new_value, field.name)
+            if before == after:
+                continue
+            if (name, field.name) in RELOADABLE:
+                changes[field.name] = after
+            else:
+                needs_restart.append(f"{name}.{field.name}")
+        if changes:
+            merged = msgspec.structs.replace(merged, **{name: msgspec.structs.replace(old_value, **changes)})
+    return merged, needs_restart
 
 
 def from_toml_text(text: str, source: str = "settings") -> Settings:

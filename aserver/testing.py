@@ -57,13 +57,14 @@ class ServerProcess:
         for section, values in (settings or {}).items():
             sections.setdefault(section, {}).update(values)
         sections["server"].setdefault("bind", "127.0.0.1:0")
+        self._dir = tempfile.TemporaryDirectory(prefix="aserver-test-")
+        sections.setdefault("supervisor", {}).setdefault("pid_file", str(Path(self._dir.name) / "aserver.pid"))
         sections["workers"].setdefault("count", workers)
         sections["workers"].setdefault("handlers", handlers or ["handlers.echo"])
         self.settings_text = settings_toml(sections)
         self._pythonpath = pythonpath or []
         self._env = env or {}
         self._start_timeout = start_timeout
-        self._dir = tempfile.TemporaryDirectory(prefix="aserver-test-")
         self.settings_path = Path(self._dir.name) / "settings.toml"
         self.process: subprocess.Popen[str] | None = None
         self.log_lines: list[str] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from typing import TYPE_CHECKING
 
 from aserver.conn.routing import ConnectionInfo
@@ -17,21 +18,21 @@ log = logging.getLogger("aserver.conn")
 # Why reading is paused; reading resumes when no reason is left.
 PAUSED_FOR_RING = 1  # a worker's request ring is full
 PAUSED_FOR_CLIENT = 2  # the client is not reading its replies
+PAUSED_FOR_STOP = 4  # the server is stopping: no new requests
+
+
+class InFlight:
+    """A run of requests sent to a worker and not all answered yet."""
+
+    __slots__ = ("record", "remaining", "run")
+
+    def __init__(self, record: int, remaining: int, run: bytes | bytearray | memoryview) -> None:
+        self.record = record  # the ring record's sequence number
+        self.remaining = remaining  # requests of the run the worker has not finished
+        self.run = run
 
 
 class ClientProtocol(asyncio.Protocol):
-    __slots__ = (
-        "_decoder",
-        "_paused",
-        "_replies",
-        "_server",
-        "closed",
-        "conn_id",
-        "info",
-        "transport",
-        "worker",
-    )
-
     def __init__(self, server: ConnServer) -> None:
         self._server = server
         self._decoder = FrameDecoder(server.codec, server.max_packet_size)
@@ -41,6 +42,11 @@ class ClientProtocol(asyncio.Protocol):
         self.conn_id = 0
         self.worker = 0
         self.closed = False
+        self.discarding = False  # stopping: input is read and thrown away
+        # Per worker: runs not fully answered, oldest first (a worker finishes a
+        # connection's requests in order).
+        self.inflight: dict[int, deque[InFlight]] = {}
+        self.outstanding = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -53,17 +59,19 @@ class ClientProtocol(asyncio.Protocol):
         self.conn_id = server.next_conn_id()
         self.info = ConnectionInfo(self.conn_id, (peer[0], peer[1]))
         # Pause a client's reads well before its unread replies reach the hard limit.
-        transport.set_write_buffer_limits(high=min(256 * 1024, server.max_reply_backlog // 4))
+        transport.set_write_buffer_limits(high=min(256 * 1024, server.max_reply_backlog // 4))  # type: ignore[attr-defined]
         server.opened(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.discarding:
+            return
         try:
             run = self._decoder.feed(data)
         except ProtocolError as exc:
             self._server.protocol_error(self, str(exc))
             return
         if run:
-            self._server.forward(self, run)
+            self._server.forward(self, run, self._decoder.count)
 
     def eof_received(self) -> bool:
         return False  # close our side too; replies already queued are still flushed
@@ -74,6 +82,27 @@ class ClientProtocol(asyncio.Protocol):
         self.closed = True
         self._server.closed(self)
 
+    # Requests in flight ----------------------------------------------------------------
+
+    def sent(self, worker: int, record: int, count: int, run: bytes | bytearray | memoryview) -> None:
+        queue = self.inflight.get(worker)
+        if queue is None:
+            queue = self.inflight[worker] = deque()
+        queue.append(InFlight(record, count, run))
+        self.outstanding += count
+
+    def answered(self, worker: int, count: int) -> None:
+        """The worker finished `count` more of our requests."""
+        queue = self.inflight.get(worker)
+        self.outstanding -= count
+        while count and queue:
+            head = queue[0]
+            if head.remaining > count:
+                head.remaining -= count
+                return
+            count -= head.remaining
+            queue.popleft()
+
     # Replies -----------------------------------------------------------------------
 
     def queue_reply(self, packets: bytes) -> bool:
@@ -83,6 +112,8 @@ class ClientProtocol(asyncio.Protocol):
 
     def flush_replies(self) -> None:
         replies = self._replies
+        if not replies:
+            return
         self._replies = []
         transport = self.transport
         if self.closed or transport is None or transport.is_closing():
@@ -111,6 +142,20 @@ class ClientProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.resume(PAUSED_FOR_CLIENT)
+
+    def finish(self) -> None:
+        """Stopping, everything answered and flushed: send EOF, then drop what the
+        client still sends until it closes (closing on unread input would send RST,
+        which can destroy replies the client has not read yet)."""
+        if self.closed or self.transport is None:
+            return
+        self.discarding = True
+        self._paused = 0
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self.transport.resume_reading()
+        else:
+            self.transport.close()
 
     def close(self) -> None:
         if self.transport is not None:

@@ -25,7 +25,9 @@ async def _serve(spec: ChildSpec, control: ChildControl) -> None:
         await server.start(spec.listener)
     except Exception as exc:
         startup_failed(control, f"conn {spec.index} could not start", exc)
+    control.on("worker_gone", lambda m: {"event": "worker_reset", "lost": server.worker_gone(m["index"])})
+    control.on("stats", lambda m: {"event": "stats", **server.snapshot()})
     control.report("ready")
     await control.stop.wait()
-    log.info("stopping: closing %d connections", len(server.connections))
+    log.info("stopping: %d connections open", len(server.connections))
     await server.stop(spec.settings.server.stop_timeout)

@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections import Counter
 
 import msgspec
 
-from aserver.conn.client_protocol import PAUSED_FOR_RING, ClientProtocol
+from aserver.app import Status
+from aserver.conn.client_protocol import PAUSED_FOR_RING, PAUSED_FOR_STOP, ClientProtocol
 from aserver.conn.routing import Router
 from aserver.ipc import records
 from aserver.ipc.channel import RingReceiver, RingSender
 from aserver.ipc.ring import RingReader, RingWriter
-from aserver.protocol import PacketCodec, split_run
+from aserver.protocol import HEADER_SIZE, PacketCodec, count_packets, iter_packets, split_run
 from aserver.settings import Settings
 
 log = logging.getLogger("aserver.conn")
@@ -22,37 +24,38 @@ CONN_INDEX_SHIFT = 56  # a connection id carries its conn process index in its t
 
 
 class WorkerLink:
-    """The conn side of one worker: requests out through a sender, replies in."""
+    """The conn side of one worker: requests out through a sender, replies and acks in."""
 
     def __init__(self, server: ConnServer, index: int, writer: RingWriter, reader: RingReader) -> None:
         self.index = index
         self._server = server
         self.sender = RingSender(writer, server.loop, self._on_room)
-        self.receiver = RingReceiver(reader, server.loop, server.on_replies)
+        self.receiver = RingReceiver(reader, server.loop, self._on_replies)
         # Connections paused because this link's ring was full.
         self.blocked: set[ClientProtocol] = set()
 
-    def send(
-        self, kind: int, conn_id: int, payload: bytes | bytearray | memoryview, source: ClientProtocol | None
-    ) -> None:
-        if len(payload) > self.sender.max_payload:
-            for piece in split_run(payload, self.sender.max_payload, self._server.codec):
-                self.send(kind, conn_id, piece, source)
+    def send_event(self, kind: int, conn_id: int, payload: bytes) -> None:
+        self.sender.send(kind, conn_id, payload)
+
+    def send_requests(self, conn: ClientProtocol, run: bytes | bytearray | memoryview, count: int) -> None:
+        sender = self.sender
+        if len(run) > sender.max_payload:
+            for piece in split_run(run, sender.max_payload, self._server.codec):
+                self.send_requests(conn, piece, count_packets(piece, self._server.codec))
             return
-        if isinstance(payload, memoryview) and not self.sender.backlogged:
-            ok = self.sender.send(kind, conn_id, payload)
-        else:
-            # May wait in the overflow queue: hold an immutable copy.
-            ok = self.sender.send(kind, conn_id, bytes(payload) if isinstance(payload, memoryview) else payload)
-        if not ok and source is not None and not source.closed:
-            log.debug("ring to worker %d full: pausing connection %x", self.index, source.conn_id)
-            source.pause(PAUSED_FOR_RING)
-            self.blocked.add(source)
+        conn.sent(self.index, sender.records_sent, count, run)
+        if not sender.send(records.PACKETS, conn.conn_id, run) and not conn.closed:
+            log.debug("ring to worker %d full: pausing connection %x", self.index, conn.conn_id)
+            conn.pause(PAUSED_FOR_RING)
+            self.blocked.add(conn)
 
     def _on_room(self) -> None:
         blocked, self.blocked = self.blocked, set()
         for conn in blocked:
             conn.resume(PAUSED_FOR_RING)
+
+    def _on_replies(self, batch: list[tuple[int, int, bytes]]) -> None:
+        self._server.on_replies(self.index, batch)
 
 
 class ConnServer:
@@ -79,29 +82,12 @@ class ConnServer:
         self._flush_pending: list[ClientProtocol] = []
         self._flush_scheduled = False
         self._server: asyncio.base_events.Server | None = None
-        self.stats = {"accepted": 0, "refused_max_connections": 0, "protocol_errors": 0,
-                      "replies_to_closed": 0, "slow_readers": 0}
+        self.stats: Counter[str] = Counter()
 
     async def start(self, sock: socket.socket) -> None:
         for link in self.links:
             link.receiver.start()
         self._server = await self.loop.create_server(lambda: ClientProtocol(self), sock=sock)
-
-    async def stop(self, timeout: float) -> None:
-        """Stop accepting, close every client (flushing what is queued), stop the rings."""
-        if self._server is not None:
-            self._server.close()
-        for conn in list(self.connections.values()):
-            conn.close()
-        deadline = self.loop.time() + timeout
-        while self.connections and self.loop.time() < deadline:
-            await asyncio.sleep(0.02)
-        for conn in list(self.connections.values()):
-            conn.abort()
-        await asyncio.sleep(0)
-        for link in self.links:
-            link.receiver.close()
-            link.sender.close()
 
     def next_conn_id(self) -> int:
         self._next_id += 1
@@ -122,16 +108,17 @@ class ConnServer:
         conn.worker = self.router.assign()
         payload = msgspec.msgpack.encode(conn.info.peer)
         for link in self.links:
-            link.send(records.OPENED, conn.conn_id, payload, None)
+            link.send_event(records.OPENED, conn.conn_id, payload)
 
     def closed(self, conn: ClientProtocol) -> None:
         del self.connections[conn.conn_id]
         for link in self.links:
-            link.send(records.CLOSED, conn.conn_id, b"", None)
+            link.send_event(records.CLOSED, conn.conn_id, b"")
 
-    def forward(self, conn: ClientProtocol, run: bytes | bytearray | memoryview) -> None:
+    def forward(self, conn: ClientProtocol, run: bytes | bytearray | memoryview, count: int) -> None:
+        self.stats["requests"] += count
         if self.router.pinned:
-            self.links[conn.worker].send(records.PACKETS, conn.conn_id, run, conn)
+            self.links[conn.worker].send_requests(conn, run, count)
             return
         try:
             pieces = self.router.split(run, conn.info)
@@ -140,7 +127,7 @@ class ConnServer:
             conn.abort()
             return
         for worker, piece in pieces:
-            self.links[worker].send(records.PACKETS, conn.conn_id, piece, conn)
+            self.links[worker].send_requests(conn, piece, count_packets(piece, self.codec))
 
     def protocol_error(self, conn: ClientProtocol, reason: str) -> None:
         self.stats["protocol_errors"] += 1
@@ -159,20 +146,24 @@ class ConnServer:
 
     # Replies from workers --------------------------------------------------------------
 
-    def on_replies(self, batch: list[tuple[int, int, bytes]]) -> None:
+    def on_replies(self, worker: int, batch: list[tuple[int, int, bytes]]) -> None:
         connections = self.connections
         pending = self._flush_pending
         for kind, conn_id, payload in batch:
             conn = connections.get(conn_id)
             if conn is None:
-                self.stats["replies_to_closed"] += 1
+                if payload:
+                    self.stats["replies_to_closed"] += 1
                 continue
+            answered = kind >> records.ACK_SHIFT
+            if answered:
+                conn.answered(worker, answered)
+            kind &= records.KIND_MASK
             if kind == records.PACKETS:
-                if conn.queue_reply(payload):
+                if payload and conn.queue_reply(payload):
                     pending.append(conn)
             elif kind == records.CLOSE:
-                if conn._replies:
-                    conn.flush_replies()
+                conn.flush_replies()
                 conn.close()
         if pending and not self._flush_scheduled:
             # Flush after every ring had its turn this iteration: one write per connection.
@@ -184,3 +175,88 @@ class ConnServer:
         pending, self._flush_pending = self._flush_pending, []
         for conn in pending:
             conn.flush_replies()
+
+    # A worker was replaced ---------------------------------------------------------------
+
+    def worker_gone(self, index: int) -> int:
+        """Worker `index` died or retired and its replacement is about to attach.
+
+        Requests it had taken and not answered get a WORKER_LOST reply; requests it never
+        took are sent again, after OPENED for every open connection, so the replacement
+        sees a consistent stream. Returns the number of WORKER_LOST replies.
+        """
+        link = self.links[index]
+        link.receiver.drain_now()  # its last replies and acks come first
+        taken = link.sender.records_taken()
+        lost = 0
+        replay: list[tuple[ClientProtocol, list]] = []
+        for conn in self.connections.values():
+            queue = conn.inflight.pop(index, None)
+            if not queue:
+                continue
+            conn.outstanding -= sum(entry.remaining for entry in queue)
+            untaken = []
+            for entry in queue:
+                if entry.record < taken:
+                    lost += self._reply_lost(conn, entry)
+                else:
+                    untaken.append(entry)
+            replay.append((conn, untaken))
+        link.sender.discard_unread()
+        payloads = {conn_id: msgspec.msgpack.encode(conn.info.peer) for conn_id, conn in self.connections.items()}
+        for conn_id, payload in payloads.items():
+            link.send_event(records.OPENED, conn_id, payload)
+        for conn, entries in replay:
+            for entry in entries:
+                link.send_requests(conn, entry.run, entry.remaining)
+        link._on_room()  # connections paused on the old ring may read again
+        self._flush()
+        if lost:
+            self.stats["worker_lost"] += lost
+            log.warning("worker %d lost %d requests in flight: answered WORKER_LOST", index, lost)
+        return lost
+
+    def _reply_lost(self, conn: ClientProtocol, entry) -> int:
+        packets = list(iter_packets(entry.run, self.codec))[-entry.remaining :]
+        header = self.codec.header
+        replies = b"".join(
+            header.pack(HEADER_SIZE, p.seq_num, p.cmd_id, Status.WORKER_LOST, p.user_id) for p in packets
+        )
+        if conn.queue_reply(replies):
+            self._flush_pending.append(conn)
+        return len(packets)
+
+    # Stopping ------------------------------------------------------------------------
+
+    async def stop(self, timeout: float) -> None:
+        """Stop accepting and reading; answer what was received; then close every client."""
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections.values()):
+            conn.pause(PAUSED_FOR_STOP)
+        deadline = self.loop.time() + timeout
+        while self.loop.time() < deadline and any(
+            conn.outstanding or (conn.transport and conn.transport.get_write_buffer_size())
+            for conn in self.connections.values()
+        ):
+            await asyncio.sleep(0.01)
+        unanswered = sum(conn.outstanding for conn in self.connections.values())
+        if unanswered:
+            log.warning("stop timeout: %d requests unanswered", unanswered)
+        for conn in list(self.connections.values()):
+            conn.finish()
+        while self.connections and self.loop.time() < deadline + 1.0:
+            await asyncio.sleep(0.01)
+        for conn in list(self.connections.values()):
+            conn.abort()
+        await asyncio.sleep(0)
+        for link in self.links:
+            link.receiver.close()
+            link.sender.close()
+
+    def snapshot(self) -> dict:
+        return {
+            "connections": len(self.connections),
+            "in_flight": sum(conn.outstanding for conn in self.connections.values()),
+            **self.stats,
+        }

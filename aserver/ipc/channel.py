@@ -50,6 +50,21 @@ class RingSender:
     def fill(self) -> int:
         return self._writer.fill()
 
+    @property
+    def records_sent(self) -> int:
+        """Sequence number the next record will have (written or waiting in overflow)."""
+        return self._writer.records_written + len(self._overflow)
+
+    def records_taken(self) -> int:
+        return self._writer.records_taken()
+
+    def discard_unread(self) -> None:
+        """The consumer is gone: forget the overflow and mark the ring consumed. The
+        caller re-sends what the next consumer must see."""
+        self._overflow.clear()
+        self._stop_waiting()
+        self._writer.discard_unread()
+
     def send(self, kind: int, conn_id: int, *chunks: bytes | bytearray | memoryview) -> bool:
         writer = self._writer
         if not self._overflow and writer.try_write(kind, conn_id, *chunks):
@@ -173,6 +188,10 @@ class RingReceiver:
         if self._paused:
             self._paused = False
             self._schedule_drain()
+
+    def skip_unread(self) -> None:
+        """The producer is gone: drop what it left in the ring."""
+        self._reader.skip_unread()
 
     def drain_now(self) -> None:
         """Drain everything available, ignoring pause (used at shutdown)."""

@@ -1,6 +1,15 @@
-"""Record kinds on the rings between conn processes and workers."""
+"""Record kinds on the rings between conn processes and workers.
+
+A record's 32-bit kind field holds the kind in its low byte; on the reply ring the upper
+bits carry how many of the connection's requests the worker finished (acks), so the conn
+process knows what is still in flight without a record of its own.
+"""
 
 import enum
+
+KIND_MASK = 0xFF
+ACK_SHIFT = 8
+MAX_ACKS = (1 << 24) - 1
 
 
 class Kind(enum.IntEnum):

@@ -7,7 +7,11 @@ Layout (every shared u64 alone on its own 64-byte line, so reads are never torn)
     128  read_pos           consumer publishes; monotonic byte count
     192  reader_sleeping    consumer sets before it waits on its wake pipe
     256  writer_waiting     producer sets before it waits for space
+    320  records_read       consumer publishes with read_pos: records taken so far
     DATA_OFFSET             capacity bytes of records
+
+`records_read` lets the producer tell, after the consumer died, which of its records the
+consumer had taken (those may be half done) and which it never saw (those can be replayed).
 
 A record is a 16-byte header (payload length u32, kind u32, connection id u64) and its
 payload, padded to 8 bytes. A record never wraps: when it does not fit before the end, the
@@ -32,7 +36,7 @@ RECORD_HEADER = struct.Struct("<IIQ")
 RECORD_HEADER_SIZE = RECORD_HEADER.size  # 16
 KIND_WRAP = 0xFFFFFFFF
 
-_CAPACITY, _WRITE_POS, _READ_POS, _READER_SLEEPING, _WRITER_WAITING = 0, 8, 16, 24, 32
+_CAPACITY, _WRITE_POS, _READ_POS, _READER_SLEEPING, _WRITER_WAITING, _RECORDS_READ = 0, 8, 16, 24, 32, 40
 
 _fence_lock = threading.Lock()
 
@@ -87,6 +91,24 @@ def drain_pipe(fd: int) -> None:
         pass
 
 
+def count_records(buf: memoryview, capacity: int, read: int, write: int) -> int:
+    """Records between two positions (WRAP markers not counted)."""
+    count = 0
+    while read < write:
+        offset = read % capacity
+        tail = capacity - offset
+        if tail < RECORD_HEADER_SIZE:
+            read += tail
+            continue
+        length, kind, _ = RECORD_HEADER.unpack_from(buf, DATA_OFFSET + offset)
+        if kind == KIND_WRAP:
+            read += tail
+            continue
+        count += 1
+        read += (RECORD_HEADER_SIZE + length + 7) & ~7
+    return count
+
+
 class _RingSide:
     def __init__(self, shm: shared_memory.SharedMemory) -> None:
         self._shm = shm  # keeps the mapping alive as long as the views below
@@ -119,6 +141,11 @@ class RingWriter(_RingSide):
         self._write = self._words[_WRITE_POS]
         self._published = self._write
         self._read = self._words[_READ_POS]
+        # Records ever written (continues across consumers: the consumer's records_read
+        # counts the same sequence).
+        self.records_written = self._words[_RECORDS_READ] + count_records(
+            self._buf, self.capacity, self._words[_READ_POS], self._write
+        )
 
     @property
     def unpublished(self) -> int:
@@ -154,6 +181,7 @@ class RingWriter(_RingSide):
             buf[at:end] = chunk
             at = end
         self._write += size
+        self.records_written += 1
         return True
 
     def publish(self) -> None:
@@ -180,6 +208,22 @@ class RingWriter(_RingSide):
             return True
         return False
 
+    def records_taken(self) -> int:
+        """How many records the consumer has taken (as it last published)."""
+        return self._words[_RECORDS_READ]
+
+    def discard_unread(self) -> None:
+        """Mark everything in the ring as consumed. Only while no consumer is attached
+        (it died or retired): the producer then re-sends what it wants the next one to see."""
+        words = self._words
+        self.publish()
+        words[_READ_POS] = self._write
+        words[_RECORDS_READ] = self.records_written
+        words[_READER_SLEEPING] = 0
+        words[_WRITER_WAITING] = 0
+        self._read = self._write
+        drain_pipe(self.space_fd)
+
     def space_woken(self) -> None:
         """Call when the space pipe is readable, before retrying writes."""
         drain_pipe(self.space_fd)
@@ -195,6 +239,7 @@ class RingReader(_RingSide):
         self.wake_fd = wake_fd  # data pipe, read end
         self.space_fd = space_fd  # space pipe, write end
         self._read = self._words[_READ_POS]
+        self._records_read = self._words[_RECORDS_READ]
         self._words[_READER_SLEEPING] = 0
 
     def read_batch(self, limit: int) -> list[tuple[int, int, bytes]]:
@@ -223,13 +268,24 @@ class RingReader(_RingSide):
             records.append((kind, conn_id, bytes(buf[start : start + length])))
             read += (RECORD_HEADER_SIZE + length + 7) & ~7
         self._read = read
+        self._records_read += len(records)
         return records
+
+    def skip_unread(self) -> None:
+        """Drop every published record unread (their producer is gone)."""
+        words = self._words
+        write = words[_WRITE_POS]
+        # Count what is skipped so records_read stays in step with the producer's count.
+        self._records_read += count_records(self._buf, self.capacity, self._read, write)
+        self._read = write
+        self.release()
 
     def release(self) -> None:
         """Publish our read position; wake the producer if it waits for room."""
         words = self._words
         if words[_READ_POS] == self._read:
             return
+        words[_RECORDS_READ] = self._records_read
         words[_READ_POS] = self._read
         fence()
         if words[_WRITER_WAITING]:

@@ -1,6 +1,6 @@
 """Sans-I/O wire protocol: the 18-byte header, framing, encoding. No sockets here."""
 
-from aserver.protocol.framing import FrameDecoder, ProtocolError, iter_packets, split_run
+from aserver.protocol.framing import FrameDecoder, ProtocolError, count_packets, iter_packets, split_run
 from aserver.protocol.header import HEADER_SIZE, ByteOrder, Header, Packet, PacketCodec
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "Packet",
     "PacketCodec",
     "ProtocolError",
+    "count_packets",
     "iter_packets",
     "split_run",
 ]

@@ -19,7 +19,7 @@ class ProtocolError(Exception):
 class FrameDecoder:
     """Feed bytes in any split; get back the complete packets received so far."""
 
-    __slots__ = ("_buffer", "_length", "max_len")
+    __slots__ = ("_buffer", "_length", "count", "max_len")
 
     def __init__(self, codec: PacketCodec, max_len: int) -> None:
         if max_len < HEADER_SIZE:
@@ -27,6 +27,7 @@ class FrameDecoder:
         self._length = codec.length
         self.max_len = max_len
         self._buffer = bytearray()
+        self.count = 0  # packets in the run the last feed() returned
 
     @property
     def buffered(self) -> int:
@@ -46,6 +47,7 @@ class FrameDecoder:
         max_len = self.max_len
         size = len(data)
         end = 0
+        count = 0
         while size - end >= 4:
             (length,) = unpack_length(data, end)
             if length < HEADER_SIZE or length > max_len:
@@ -55,6 +57,8 @@ class FrameDecoder:
             if size - end < length:
                 break
             end += length
+            count += 1
+        self.count = count
         if end == size:
             if data is self._buffer:
                 self._buffer = bytearray()
@@ -95,3 +99,13 @@ def split_run(run: bytes | bytearray | memoryview, limit: int, codec: PacketCode
         pos += length
     pieces.append(view[start:pos])
     return pieces
+
+
+def count_packets(run: bytes | bytearray | memoryview, codec: PacketCodec) -> int:
+    unpack_length = codec.length.unpack_from
+    count = pos = 0
+    size = len(run)
+    while pos < size:
+        pos += unpack_length(run, pos)[0]
+        count += 1
+    return count

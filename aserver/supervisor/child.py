@@ -8,13 +8,16 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import setproctitle
 
 from aserver import logs
 from aserver.ipc.ring import RingReader, RingWriter, attach_segment
+from aserver.supervisor.control import ControlChannel, Message
 from aserver.supervisor.spec import ChildSpec, RingEnd
+
+log = logging.getLogger("aserver")
 
 PR_SET_PDEATHSIG = 1
 
@@ -39,21 +42,50 @@ def open_consumer(end: RingEnd) -> RingReader:
     return RingReader(attach_segment(end.name), end.wake.fd, end.space.fd)
 
 
+CommandHandler = Callable[[Message], dict[str, Any] | None]
+
+
 class ChildControl:
-    """The child's side of its control pipe, and its stop signal."""
+    """The child's end of its control channel, and its stop signal.
+
+    Commands from the supervisor ("cmd") go to registered handlers; a handler's dict
+    result is sent back as the answer, tagged with the command's "id".
+    """
 
     def __init__(self, spec: ChildSpec, loop: asyncio.AbstractEventLoop) -> None:
-        self._fd = spec.control.fd
         self.stop = asyncio.Event()
+        self._handlers: dict[str, CommandHandler] = {"stop": self._on_stop, "ping": lambda m: {"event": "pong"}}
+        self.channel = ControlChannel(spec.control, self._on_message, self._on_closed)
+        self.channel.start(loop)
         # Ctrl-C reaches the whole process group: the supervisor decides what happens.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         loop.add_signal_handler(signal.SIGTERM, self.stop.set)
 
-    def report(self, message: str) -> None:
+    def on(self, cmd: str, handler: CommandHandler) -> None:
+        self._handlers[cmd] = handler
+
+    def report(self, event: str, **fields: Any) -> None:
+        self.channel.send({"event": event, **fields})
+
+    def _on_stop(self, message: Message) -> None:
+        self.stop.set()
+
+    def _on_message(self, message: Message) -> None:
+        handler = self._handlers.get(message.get("cmd", ""))
+        if handler is None:
+            log.error("unknown control command %r", message)
+            return
         try:
-            os.write(self._fd, message.encode()[:4000] + b"\n")
-        except OSError:
-            pass  # the supervisor is gone; pdeathsig will stop us
+            answer = handler(message)
+        except Exception as exc:
+            log.exception("control command %r failed", message)
+            answer = {"event": "error", "error": str(exc)}
+        if answer is not None:
+            self.channel.send({**answer, "id": message.get("id")})
+
+    def _on_closed(self) -> None:
+        # The supervisor is gone (pdeathsig may not have fired yet): stop.
+        self.stop.set()
 
 
 async def run_child(spec: ChildSpec, body: Callable[[ChildSpec, ChildControl], Awaitable[None]]) -> None:
@@ -63,12 +95,13 @@ async def run_child(spec: ChildSpec, body: Callable[[ChildSpec, ChildControl], A
     logs.setup(spec.settings.server.log_level, f"{spec.role} {spec.index}")
     control = ChildControl(spec, asyncio.get_running_loop())
     await body(spec, control)
+    control.channel.close()
 
 
 def startup_failed(control: ChildControl, what: str, exc: BaseException) -> NoReturn:
     """Report why start-up failed and exit with the code the supervisor will not retry."""
     reason = f"{what}: {type(exc).__name__}: {exc}"
-    logging.getLogger("aserver").error("%s", reason, exc_info=not isinstance(exc, ImportError))
-    control.report("failed " + reason)
+    log.error("%s", reason, exc_info=not isinstance(exc, ImportError))
+    control.report("failed", error=reason)
     logging.shutdown()
     os._exit(EXIT_STARTUP_FAILED)

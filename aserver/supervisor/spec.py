@@ -38,11 +38,14 @@ class ChildSpec:
     index: int
     incarnation: int
     settings: Settings
-    control: PassFd  # write end of the pipe the child reports readiness on
+    control: socket.socket  # the child's end of its control socketpair
     # conn: (request ring producer end, reply ring consumer end) per worker
     # worker: (request ring consumer end, reply ring producer end) per conn process
     rings: list[tuple[RingEnd, RingEnd]]
     listener: socket.socket | None = None
+    # A worker started for a reload loads its code, reports ready, and attaches to its
+    # rings only when told (after the worker it replaces has finished).
+    standby: bool = False
 
     @property
     def title(self) -> str:

@@ -1,32 +1,48 @@
-"""The supervisor process: binds the port, creates the rings, runs and watches children."""
+"""The supervisor process: binds the port, creates the rings, runs and watches children.
+
+It restarts a child that dies (with backoff, giving up on a crash loop), kills one whose
+event loop stops answering heartbeats, and hands a dead or retired worker's rings to its
+replacement through the conn processes (see ConnServer.worker_gone) so no request is lost.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import importlib
+import itertools
 import logging
 import os
+import resource
 import signal
 import socket
 import time
+from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiomultiprocess
 import setproctitle
 import uvloop
 
 from aserver.conn.process import conn_process
-from aserver.settings import Settings
+from aserver.settings import Settings, SettingsError, load, reload_merge
 from aserver.supervisor.child import EXIT_STARTUP_FAILED
+from aserver.supervisor.control import ControlChannel, Message
+from aserver.supervisor.pidfile import AlreadyRunning, PidFile
 from aserver.supervisor.rings import RingSet
-from aserver.supervisor.spec import ChildSpec, PassFd
+from aserver.supervisor.spec import ChildSpec
+from aserver.supervisor.status import StatusServer
 from aserver.worker.process import worker_process
 
 log = logging.getLogger("aserver.supervisor")
 
 START_TIMEOUT = 60.0
-# A child that dies sooner than this after starting is restarted after a growing delay.
+ASK_TIMEOUT = 10.0
+# A child that lived shorter than this is restarted after a delay doubling each time.
+QUICK_DEATH = 10.0
 RESTART_BACKOFF_BASE = 0.1
 RESTART_BACKOFF_MAX = 5.0
+FILES_PER_PROCESS = 64  # descriptors a process needs besides its clients
 
 
 class StartupError(Exception):
@@ -38,17 +54,30 @@ class Child:
     role: str
     index: int
     incarnation: int = 0
+    standby: bool = False
     process: aiomultiprocess.Process | None = None
-    control_fd: int = -1
+    channel: ControlChannel | None = None
     started_at: float = 0.0
     ready: asyncio.Future | None = None
+    exited: asyncio.Future | None = None
+    retiring: bool = False
     restarts: int = 0
     quick_deaths: int = 0
-    _buffer: bytes = field(default=b"", repr=False)
+    deaths: deque[float] = field(default_factory=deque)
+    last_pong: float = 0.0
+    answers: dict[int, asyncio.Future] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
         return f"{self.role} {self.index}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    @property
+    def alive(self) -> bool:
+        return self.exited is not None and not self.exited.done()
 
 
 def bind_listener(host: str, port: int, backlog: int) -> socket.socket:
@@ -65,136 +94,337 @@ def bind_listener(host: str, port: int, backlog: int) -> socket.socket:
     return sock
 
 
+def raise_open_files_limit(settings: Settings) -> None:
+    """Each conn process may hold its share of max_connections sockets."""
+    per_process = -(-settings.server.max_connections // settings.server.conn_processes)
+    need = per_process + FILES_PER_PROCESS + 8 * settings.workers.count
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < need:
+        raise StartupError(
+            f"server.max_connections {settings.server.max_connections} needs {need} open files per conn "
+            f"process, but the hard limit (RLIMIT_NOFILE) is {hard}: raise it (ulimit -Hn, systemd LimitNOFILE) "
+            "or lower server.max_connections"
+        )
+    if soft != resource.RLIM_INFINITY and soft < need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+
+
+def load_exit_hook(spec: str):
+    if not spec:
+        return None
+    module_name, _, attr = spec.partition(":")
+    try:
+        hook = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise StartupError(f"supervisor.on_child_exit: cannot load {spec!r}: {exc}") from None
+    return hook
+
+
 class Supervisor:
-    def __init__(self, settings: Settings, conn_processes: int = 1) -> None:
+    def __init__(self, settings: Settings, settings_path: str | None = None, overrides: dict | None = None) -> None:
         self.settings = settings
-        self.conn_count = conn_processes
+        self.settings_path = settings_path
+        self.overrides = overrides or {}
+        self.conn_count = settings.server.conn_processes
         self.worker_count = settings.workers.count
         self.loop = asyncio.get_running_loop()
         self.stopping = asyncio.Event()
         self.listener: socket.socket | None = None
         self.rings: RingSet | None = None
-        self.children: list[Child] = [Child("conn", i) for i in range(conn_processes)]
-        self.children += [Child("worker", i) for i in range(self.worker_count)]
+        self.conns = [Child("conn", i) for i in range(self.conn_count)]
+        self.workers = [Child("worker", i) for i in range(self.worker_count)]
         self.exit_code = 0
+        self.started_at = time.time()
+        self._ids = itertools.count(1)
+        self._topology = asyncio.Lock()  # one restart/reload at a time
+        self._tasks: set[asyncio.Task] = set()
+        self._pid_file = PidFile(settings.supervisor.pid_file)
+        self._status: StatusServer | None = None
+        self._exit_hook = None
+
+    @property
+    def children(self) -> list[Child]:
+        return [*self.conns, *self.workers]
 
     async def run(self) -> int:
         settings = self.settings
         setproctitle.setproctitle(f"aserver[{settings.server.name}]: supervisor")
-        host, port = settings.bind_address
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        self.loop.add_signal_handler(signal.SIGHUP, self._background, self.reload)
         try:
+            self._pid_file.acquire()
+        except AlreadyRunning as exc:
+            log.error("%s", exc)
+            return 1
+        try:
+            self._exit_hook = load_exit_hook(settings.supervisor.on_child_exit)
+            raise_open_files_limit(settings)
+            host, port = settings.bind_address
             self.listener = bind_listener(host, port, settings.server.backlog)
             bound = self.listener.getsockname()
             self.rings = RingSet(f"aserver-{os.getpid()}", self.conn_count, self.worker_count, settings.ring.size)
             # Workers first: a conn process must not accept before someone can answer.
-            await self._start_all([c for c in self.children if c.role == "worker"])
-            await self._start_all([c for c in self.children if c.role == "conn"])
+            await self._start_all(self.workers)
+            await self._start_all(self.conns)
+            self._status = StatusServer(str(self._pid_file.path) + ".sock", self.status)
+            await self._status.start()
         except StartupError as exc:
             log.error("start-up failed: %s", exc)
             await self._shutdown()
             return 2
         log.info(
-            "aserver ready: listening on %s:%d (%d conn process, %d workers)",
-            bound[0], bound[1], self.conn_count, self.worker_count,
+            "aserver ready: listening on %s:%d (%d conn process%s, %d workers, pid %d)",
+            bound[0], bound[1], self.conn_count, "" if self.conn_count == 1 else "es", self.worker_count, os.getpid(),
         )
+        heartbeat = asyncio.ensure_future(self._heartbeat())
         await self.stopping.wait()
+        heartbeat.cancel()
         await self._shutdown()
         return self.exit_code
 
-    # Children --------------------------------------------------------------------------
+    def _background(self, coro_fn, *args) -> None:
+        task = asyncio.ensure_future(coro_fn(*args))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    def _spec(self, child: Child) -> ChildSpec:
-        assert self.rings is not None
-        if child.role == "conn":
-            rings, listener = self.rings.for_conn(child.index), self.listener
-        else:
-            rings, listener = self.rings.for_worker(child.index), None
-        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-        child.control_fd = read_fd
-        spec = ChildSpec(child.role, child.index, child.incarnation, self.settings, PassFd(write_fd), rings, listener)
-        spec._control_write = write_fd  # type: ignore[attr-defined]
-        return spec
+    # Starting children ----------------------------------------------------------------
 
     def _spawn(self, child: Child) -> None:
-        spec = self._spec(child)
-        target = conn_process if child.role == "conn" else worker_process
+        assert self.rings is not None
+        if child.role == "conn":
+            rings, listener, target = self.rings.for_conn(child.index), self.listener, conn_process
+        else:
+            rings, listener, target = self.rings.for_worker(child.index), None, worker_process
+        ours, theirs = socket.socketpair()
+        spec = ChildSpec(child.role, child.index, child.incarnation, self.settings, theirs, rings, listener,
+                         child.standby)
         process = aiomultiprocess.Process(
-            target=target, args=(spec,), name=f"{child.role}-{child.index}",
-            loop_initializer=uvloop.new_event_loop,
+            target=target, args=(spec,), name=f"{child.role}-{child.index}", loop_initializer=uvloop.new_event_loop
         )
         process.start()
-        os.close(spec._control_write)  # type: ignore[attr-defined]
+        theirs.close()
         child.process = process
         child.started_at = time.monotonic()
+        child.last_pong = child.started_at
         child.ready = self.loop.create_future()
-        os.set_blocking(child.control_fd, False)
-        self.loop.add_reader(child.control_fd, self._on_control, child)
-        self.loop.add_reader(process.aio_process.sentinel, self._on_exit, child)
+        child.exited = self.loop.create_future()
+        child.retiring = False
+        child.channel = ControlChannel(ours, lambda m: self._on_message(child, m), lambda: None)
+        child.channel.start(self.loop)
+        self.loop.add_reader(process.aio_process.sentinel, self._on_exit, child, process)
         log.debug("started %s (pid %d)", child.name, process.pid)
 
     async def _start_all(self, children: list[Child]) -> None:
         for child in children:
             self._spawn(child)
+        await self._wait_ready(children)
+
+    async def _wait_ready(self, children: list[Child]) -> None:
         waits = [asyncio.wait_for(asyncio.shield(c.ready), START_TIMEOUT) for c in children if c.ready]
         try:
             await asyncio.gather(*waits)
         except TimeoutError:
             raise StartupError(f"children did not report ready within {START_TIMEOUT:.0f}s") from None
 
-    def _on_control(self, child: Child) -> None:
-        try:
-            data = os.read(child.control_fd, 65536)
-        except BlockingIOError:
-            return
-        if not data:
-            self.loop.remove_reader(child.control_fd)
-            return
-        child._buffer += data
-        *lines, child._buffer = child._buffer.split(b"\n")
-        for line in lines:
-            message = line.decode(errors="replace")
-            if child.ready is None or child.ready.done():
-                continue
-            if message == "ready":
+    def _on_message(self, child: Child, message: Message) -> None:
+        event = message.get("event")
+        answer = child.answers.pop(message.get("id") or 0, None)
+        if answer is not None and not answer.done():
+            answer.set_result(message)
+        if event == "pong":
+            child.last_pong = time.monotonic()
+        elif child.ready is not None and not child.ready.done():
+            if event == "ready":
                 child.ready.set_result(None)
-            elif message.startswith("failed "):
-                child.ready.set_exception(StartupError(message.removeprefix("failed ")))
+            elif event == "failed":
+                child.ready.set_exception(StartupError(message.get("error", "failed")))
 
-    def _on_exit(self, child: Child) -> None:
-        process = child.process
-        assert process is not None
+    async def ask(self, child: Child, cmd: str, timeout: float = ASK_TIMEOUT, **fields: Any) -> Message | None:
+        """Send a command and wait for its answer (None if the child died or timed out)."""
+        if child.channel is None or not child.alive:
+            return None
+        request_id = next(self._ids)
+        answer = self.loop.create_future()
+        child.answers[request_id] = answer
+        child.channel.send({"cmd": cmd, "id": request_id, **fields})
+        assert child.exited is not None
+        done, _ = await asyncio.wait([answer, child.exited], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        child.answers.pop(request_id, None)
+        return answer.result() if answer in done else None
+
+    # Children exiting -------------------------------------------------------------------
+
+    def _on_exit(self, child: Child, process: aiomultiprocess.Process) -> None:
         self.loop.remove_reader(process.aio_process.sentinel)
         process.aio_process.join(0)
         code = process.exitcode
-        self._close_control(child)
-        if self.stopping.is_set():
+        if child.process is not process:
+            return
+        if child.channel is not None:
+            child.channel.close()
+        if child.exited is not None and not child.exited.done():
+            child.exited.set_result(code)
+        self._call_exit_hook(child, process.pid, code)
+        if self.stopping.is_set() or child.retiring:
             return
         if child.ready is not None and not child.ready.done():
-            reason = f"exited with code {code} before it was ready"
-            if code == EXIT_STARTUP_FAILED:
-                reason = "failed to start"
+            reason = "failed to start" if code == EXIT_STARTUP_FAILED else f"exited with code {code} before ready"
             child.ready.set_exception(StartupError(f"{child.name} {reason}"))
             return
-        lived = time.monotonic() - child.started_at
-        child.quick_deaths = child.quick_deaths + 1 if lived < 10 else 0
-        delay = min(RESTART_BACKOFF_MAX, RESTART_BACKOFF_BASE * (2 ** child.quick_deaths)) if child.quick_deaths else 0
-        log.error("%s (pid %s) died with exit code %s after %.1fs; restarting in %.1fs",
-                  child.name, process.pid, code, lived, delay)
-        child.incarnation += 1
-        child.restarts += 1
-        self.loop.call_later(delay, self._restart, child)
+        self._background(self._recover, child, process.pid, code)
 
-    def _restart(self, child: Child) -> None:
-        if not self.stopping.is_set():
+    def _call_exit_hook(self, child: Child, pid: int | None, code: int | None) -> None:
+        if self._exit_hook is None:
+            return
+        try:
+            result = self._exit_hook(child.role, child.index, pid, code)
+            if asyncio.iscoroutine(result):
+                self._background(lambda: result)
+        except Exception:
+            log.exception("supervisor.on_child_exit hook failed")
+
+    async def _recover(self, child: Child, pid: int | None, code: int | None) -> None:
+        now = time.monotonic()
+        lived = now - child.started_at
+        window = self.settings.supervisor.restart_window
+        child.deaths.append(now)
+        while child.deaths and child.deaths[0] < now - window:
+            child.deaths.popleft()
+        how = f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exited ({code})"
+        if len(child.deaths) > self.settings.supervisor.max_restarts:
+            log.critical(
+                "%s %s; it died %d times within %.0fs (supervisor.max_restarts %d): crash loop, stopping the server",
+                child.name, how, len(child.deaths), window, self.settings.supervisor.max_restarts,
+            )
+            self.exit_code = 1
+            self.stopping.set()
+            return
+        child.quick_deaths = child.quick_deaths + 1 if lived < QUICK_DEATH else 0
+        delay = min(RESTART_BACKOFF_MAX, RESTART_BACKOFF_BASE * 2 ** (child.quick_deaths - 1)) if child.quick_deaths else 0
+        log.error("%s (pid %s) %s after %.1fs; restarting%s", child.name, pid, how, lived,
+                  f" in {delay:.1f}s" if delay else "")
+        async with self._topology:
+            await self._hand_over(child)
+            await asyncio.sleep(delay)
+            if self.stopping.is_set():
+                return
+            child.incarnation += 1
+            child.restarts += 1
             self._spawn(child)
+            try:
+                await self._wait_ready([child])
+            except StartupError as exc:
+                log.error("%s could not restart: %s", child.name, exc)  # the exit handler retries or gives up
+                return
+            log.info("%s is back (pid %s)", child.name, child.pid)
 
-    def _close_control(self, child: Child) -> None:
-        if child.control_fd >= 0:
-            self.loop.remove_reader(child.control_fd)
-            os.close(child.control_fd)
-            child.control_fd = -1
+    async def _hand_over(self, child: Child) -> None:
+        """Tell the other side that `child` is gone, so its rings are consistent for the
+        replacement: conns answer or replay a worker's requests; workers drop a conn's
+        clients."""
+        if child.role == "worker":
+            answers = await asyncio.gather(*(self.ask(c, "worker_gone", index=child.index) for c in self.conns))
+            lost = sum(a.get("lost", 0) for a in answers if a)
+            if lost:
+                log.warning("worker %d: %d requests in flight answered WORKER_LOST", child.index, lost)
+        else:
+            answers = await asyncio.gather(*(self.ask(w, "conn_gone", index=child.index) for w in self.workers))
+            closed = sum(a.get("closed", 0) for a in answers if a) // max(1, len(self.workers))
+            log.warning("conn %d: its %d clients were disconnected", child.index, closed)
+
+    async def _heartbeat(self) -> None:
+        interval = self.settings.supervisor.heartbeat_interval
+        while True:
+            await asyncio.sleep(interval)
+            timeout = self.settings.supervisor.heartbeat_timeout
+            now = time.monotonic()
+            for child in self.children:
+                if not child.alive or child.ready is None or not child.ready.done() or child.channel is None:
+                    continue
+                if now - child.last_pong > timeout:
+                    log.error("%s (pid %s) did not answer heartbeats for %.1fs: killing it",
+                              child.name, child.pid, now - child.last_pong)
+                    child.last_pong = now  # once
+                    child.process.kill()
+                else:
+                    child.channel.send({"cmd": "ping"})
+
+    # Reload -----------------------------------------------------------------------------
+
+    async def reload(self) -> None:
+        if self.stopping.is_set() or self.settings_path is None:
+            return
+        log.info("SIGHUP: reloading %s", self.settings_path)
+        try:
+            new = load(self.settings_path, self.overrides)
+        except SettingsError as exc:
+            log.error("reload refused, keeping the running settings and code: %s", exc)
+            return
+        merged, needs_restart = reload_merge(self.settings, new)
+        if needs_restart:
+            log.warning("reload: changed but only applied by a restart: %s", ", ".join(needs_restart))
+        async with self._topology:
+            old_settings = self.settings
+            self.settings = merged
+            fresh = [Child("worker", w.index, w.incarnation + 1, standby=True) for w in self.workers]
+            for child in fresh:
+                self._spawn(child)
+            try:
+                await self._wait_ready(fresh)
+            except StartupError as exc:
+                log.error("reload failed, keeping the running workers: %s", exc)
+                self.settings = old_settings
+                for child in fresh:
+                    if child.alive:
+                        child.retiring = True
+                        child.process.kill()
+                return
+            for slot, child in enumerate(fresh):
+                old = self.workers[slot]
+                await self._retire(old)
+                await self._hand_over(old)
+                child.restarts = old.restarts
+                self.workers[slot] = child
+                answer = await self.ask(child, "attach")
+                if answer is None and child.alive:
+                    log.warning("worker %d did not confirm attaching", slot)
+        log.info("reload complete: %d workers running the new code", len(self.workers))
+
+    async def _retire(self, child: Child) -> None:
+        """Stop a worker gracefully: it finishes what it took, then exits."""
+        child.retiring = True
+        if not child.alive:
+            return
+        assert child.exited is not None and child.channel is not None
+        child.channel.send({"cmd": "stop"})
+        try:
+            await asyncio.wait_for(asyncio.shield(child.exited), self.settings.server.stop_timeout + 5)
+        except TimeoutError:
+            log.warning("%s (pid %s) did not finish in time; killing it", child.name, child.pid)
+            child.process.kill()
+            await child.exited
+
+    # Status -------------------------------------------------------------------------------
+
+    async def status(self) -> dict:
+        async def row(child: Child) -> dict:
+            stats = await self.ask(child, "stats", timeout=2.0) or {}
+            return {
+                "role": child.role,
+                "index": child.index,
+                "pid": child.pid,
+                "alive": child.alive,
+                "uptime": round(time.monotonic() - child.started_at, 1) if child.alive else 0,
+                "restarts": child.restarts,
+                "connections": stats.get("connections", 0),
+                "requests": stats.get("requests", 0),
+                "in_flight": stats.get("in_flight", 0),
+            }
+
+        rows = await asyncio.gather(*(row(c) for c in self.children))
+        return {"name": self.settings.server.name, "pid": os.getpid(),
+                "uptime": round(time.time() - self.started_at, 1), "children": rows}
 
     # Stopping --------------------------------------------------------------------------
 
@@ -202,7 +432,7 @@ class Supervisor:
         if self.stopping.is_set():
             log.warning("second %s: stopping at once", signal.Signals(sig).name)
             for child in self.children:
-                if child.process is not None and child.process.is_alive():
+                if child.alive:
                     child.process.kill()
             return
         log.info("%s received: stopping", signal.Signals(sig).name)
@@ -210,16 +440,18 @@ class Supervisor:
 
     async def _shutdown(self) -> None:
         self.stopping.set()
+        if self._status is not None:
+            await self._status.close()
         timeout = self.settings.server.stop_timeout
-        # conn processes first (stop accepting, close clients), then the workers.
-        for role in ("conn", "worker"):
-            group = [c for c in self.children if c.role == role and c.process is not None]
+        # conn processes first (stop reading, answer what they hold, close), then workers.
+        for group in (self.conns, self.workers):
             for child in group:
-                if child.process.is_alive():
-                    child.process.terminate()
-            await self._join(group, timeout + 2)
+                if child.alive:
+                    child.channel.send({"cmd": "stop"})
+            await self._join(group, timeout + 5)
         for child in self.children:
-            self._close_control(child)
+            if child.channel is not None:
+                child.channel.close()
         if self.rings is not None:
             self.rings.close()
         if self.listener is not None:
@@ -228,21 +460,23 @@ class Supervisor:
         if manager is not None:
             manager.shutdown()
             aiomultiprocess.core._manager = None
+        self._pid_file.release()
 
     async def _join(self, group: list[Child], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
+        waits = [c.exited for c in group if c.alive]
+        if not waits:
+            return
+        _, pending = await asyncio.wait(waits, timeout=timeout)
         for child in group:
-            process = child.process.aio_process
-            while process.exitcode is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
-            if process.exitcode is None:
-                log.warning("%s (pid %d) did not stop in time; killing it", child.name, process.pid)
-                process.kill()
-                process.join(5)
+            if child.alive:
+                log.warning("%s (pid %s) did not stop in time; killing it", child.name, child.pid)
+                child.process.kill()
+        if pending:
+            await asyncio.wait(pending, timeout=5)
 
 
-def serve(settings: Settings) -> int:
+def serve(settings: Settings, settings_path: str | None = None, overrides: dict | None = None) -> int:
     async def main() -> int:
-        return await Supervisor(settings).run()
+        return await Supervisor(settings, settings_path, overrides).run()
 
     return uvloop.run(main())

@@ -160,6 +160,7 @@ class Dispatcher:
                     self._outbox.pop(conn.id, None)
                 else:
                     await self._handle(conn, job)
+                    self._answered(conn.id)
                     self.pending -= 1
                     if self._intake_paused:
                         self._maybe_resume_intake()
@@ -215,14 +216,25 @@ class Dispatcher:
         header = self.codec.header.pack(size, seq, cmd, status, user)
         box = self._outbox.get(conn_id)
         if box is None:
-            self._outbox[conn_id] = [size, header, body]
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
-                self.loop.call_soon(self._flush)
-        else:
-            box[0] += size
-            box.append(header)
-            box.append(body)
+            box = self._new_box(conn_id)
+        box[0] += size
+        box.append(header)
+        box.append(body)
+
+    def _answered(self, conn_id: int) -> None:
+        """Count a finished request; the count rides on the connection's next record."""
+        box = self._outbox.get(conn_id)
+        if box is None:
+            box = self._new_box(conn_id)
+        box[1] += 1
+
+    def _new_box(self, conn_id: int) -> list:
+        """[payload size, finished requests, header, body, header, body, ...]"""
+        box = self._outbox[conn_id] = [0, 0]
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+        return box
 
     def close_connection(self, conn_id: int) -> None:
         conn = self.connections.get(conn_id)
@@ -243,15 +255,17 @@ class Dispatcher:
             self._write_box(conn_id, box)
 
     def _write_box(self, conn_id: int, box: list) -> None:
-        """One ring record per connection per loop iteration, split only when too big."""
+        """One ring record per connection per loop iteration, split only when too big.
+        The finished-request count goes on the last record, after the replies."""
         sender = self.senders[conn_id >> CONN_INDEX_SHIFT]
+        answered = box[1] << records.ACK_SHIFT
         if box[0] <= sender.max_payload:
-            self._send(conn_id, records.PACKETS, box[1:])
+            self._send(conn_id, records.PACKETS | answered, box[2:])
             return
         limit = sender.max_payload
         chunks: list = []
         size = 0
-        for i in range(1, len(box), 2):
+        for i in range(2, len(box), 2):
             header, body = box[i], box[i + 1]
             packet_size = len(header) + len(body)
             if size + packet_size > limit:
@@ -259,11 +273,33 @@ class Dispatcher:
                 chunks, size = [], 0
             chunks += (header, body)
             size += packet_size
-        self._send(conn_id, records.PACKETS, chunks)
+        self._send(conn_id, records.PACKETS | answered, chunks)
 
     def _send(self, conn_id: int, kind: int, chunks) -> None:
         if not self.senders[conn_id >> CONN_INDEX_SHIFT].send(kind, conn_id, *chunks):
             self._pause_intake()
+
+    # A conn process was replaced ------------------------------------------------------
+
+    def conn_gone(self, index: int) -> int:
+        """Conn process `index` died: its clients are gone. Run on_disconnect for each,
+        drop what it left in our ring and the replies we had for it."""
+        gone = [conn for conn_id, conn in self.connections.items() if conn_id >> CONN_INDEX_SHIFT == index]
+        for conn in gone:
+            self._outbox.pop(conn.id, None)
+            if not conn.closed:
+                conn.closed = True
+                conn._jobs.append(_DISCONNECT)
+                if not conn._scheduled:
+                    conn._scheduled = True
+                    self._ready.put_nowait(conn)
+        self.receivers[index].skip_unread()
+        self.senders[index].discard_unread()
+        self._maybe_resume_intake()
+        return len(gone)
+
+    def snapshot(self) -> dict:
+        return {"connections": len(self.connections), "in_flight": self.pending, **self.stats}
 
     def on_room(self) -> None:
         self._maybe_resume_intake()

@@ -41,36 +41,39 @@ async def _serve(spec: ChildSpec, control: ChildControl) -> None:
     settings = spec.settings
     try:
         app = load_app(settings.workers.handlers, settings.service)
-    except Exception as exc:
-        startup_failed(control, f"worker {spec.index}: cannot load handlers", exc)
-    dispatcher = Dispatcher(
-        app,
-        PacketCodec(settings.byte_order),
-        loop,
-        settings.workers.concurrency,
-        settings.workers.max_pending,
-    )
-    senders = []
-    receivers = []
-    for requests, replies in spec.rings:
-        receivers.append(RingReceiver(open_consumer(requests), loop, dispatcher.on_records))
-        senders.append(RingSender(open_producer(replies), loop, dispatcher.on_room))
-    dispatcher.attach(senders, receivers)
-    try:
         for hook in app.startup_hooks:
             await hook()
     except Exception as exc:
-        startup_failed(control, f"worker {spec.index}: on_startup hook failed", exc)
-    periodic = [asyncio.ensure_future(_every(seconds, hook)) for seconds, hook in app.periodic]
-    dispatcher.start()
-    control.report("ready")
-    await control.stop.wait()
-
-    dispatcher.stop_intake()
-    for receiver in receivers:
-        receiver.drain_now()  # what is already in our rings is answered, not lost
-    if not await dispatcher.finish(settings.server.stop_timeout):
-        log.warning("stop timeout: %d requests left unanswered", dispatcher.pending)
+        startup_failed(control, f"worker {spec.index} could not start", exc)
+    dispatcher = Dispatcher(
+        app, PacketCodec(settings.byte_order), loop, settings.workers.concurrency, settings.workers.max_pending
+    )
+    control.on("conn_gone", lambda m: {"event": "conn_reset", "closed": dispatcher.conn_gone(m["index"])})
+    control.on("stats", lambda m: {"event": "stats", **dispatcher.snapshot()})
+    attach = asyncio.Event()
+    control.on("attach", lambda m: attach.set())
+    periodic: list[asyncio.Task] = []
+    if spec.standby:
+        control.report("ready")
+        await _first(attach.wait(), control.stop.wait())
+    if not control.stop.is_set():
+        senders = []
+        receivers = []
+        for requests, replies in spec.rings:
+            receivers.append(RingReceiver(open_consumer(requests), loop, dispatcher.on_records))
+            senders.append(RingSender(open_producer(replies), loop, dispatcher.on_room))
+        dispatcher.attach(senders, receivers)
+        periodic = [asyncio.ensure_future(_every(seconds, hook)) for seconds, hook in app.periodic]
+        dispatcher.start()
+        if spec.standby:
+            control.report("attached")
+        else:
+            control.report("ready")
+        await control.stop.wait()
+        # Finish what we took; what is still in the rings waits for our successor.
+        dispatcher.stop_intake()
+        if not await dispatcher.finish(settings.server.stop_timeout):
+            log.warning("stop timeout: %d requests left unanswered", dispatcher.pending)
     for task in periodic:
         task.cancel()
     for hook in app.shutdown_hooks:
@@ -78,10 +81,17 @@ async def _serve(spec: ChildSpec, control: ChildControl) -> None:
             await hook()
         except Exception:
             log.exception("on_shutdown hook %s failed", hook.__qualname__)
-    for receiver in receivers:
+    for receiver in dispatcher.receivers:
         receiver.close()
-    for sender in senders:
+    for sender in dispatcher.senders:
         sender.close()
+
+
+async def _first(*aws) -> None:
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in tasks:
+        task.cancel()
 
 
 async def _every(seconds: float, hook) -> None:
