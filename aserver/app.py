@@ -19,6 +19,8 @@ class Status(enum.IntEnum):
     HANDLER_ERROR = 0xFFFF0002  # the handler raised; the traceback is in the worker's log
     WORKER_LOST = 0xFFFF0003  # the worker died while holding the request
     BAD_REQUEST = 0xFFFF0004  # the body could not be decoded for the handler
+    BACKEND_UNAVAILABLE = 0xFFFF0005  # a backend link is down (handlers.proxy)
+    BACKEND_TIMEOUT = 0xFFFF0006  # a backend did not answer in time (handlers.proxy)
 
 
 class Reply(NamedTuple):
@@ -90,6 +92,7 @@ class App:
         # The settings file's [service] table, set in each worker before start-up hooks.
         self.config: dict[str, Any] = {}
         self.handlers: dict[int, Handler] = {}
+        self.fallback_handler: Handler | None = None
         self.connect_hooks: list[ConnectionHook] = []
         self.disconnect_hooks: list[ConnectionHook] = []
         self.startup_hooks: list[Hook] = []
@@ -108,6 +111,14 @@ class App:
             return fn
 
         return register
+
+    def fallback(self, fn: F) -> F:
+        """Handle every cmd_id that has no handler of its own (a proxy, say)."""
+        _require_async(fn, "fallback handler")
+        if self.fallback_handler is not None:
+            raise ValueError(f"a fallback handler is already set: {self.fallback_handler.__qualname__}")
+        self.fallback_handler = fn
+        return fn
 
     def on_connect(self, fn: F) -> F:
         _require_async(fn, "on_connect hook")
@@ -144,6 +155,8 @@ class App:
         """Merge another app's registrations into this one (cmd_ids must not clash)."""
         for cmd_id, fn in other.handlers.items():
             self.handler(cmd_id)(fn)
+        if other.fallback_handler is not None:
+            self.fallback(other.fallback_handler)
         self.connect_hooks += other.connect_hooks
         self.disconnect_hooks += other.disconnect_hooks
         self.startup_hooks += other.startup_hooks

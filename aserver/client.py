@@ -35,6 +35,9 @@ class Client:
         self._next_seq = 0
         self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.unsolicited: asyncio.Queue[Packet] = asyncio.Queue()
+        # Packets that answer no pending call (server pushes, replies to calls that timed
+        # out) go to `unsolicited`; a client that never reads them should turn this off.
+        self.keep_unsolicited = True
 
     @classmethod
     async def connect(
@@ -80,15 +83,23 @@ class Client:
         loop = asyncio.get_running_loop()
         encode = self.codec.encode
         futures = []
+        seqs = []
         chunks = []
         for cmd_id, body, user_id in requests:
             seq = self._take_seq()
+            seqs.append(seq)
             future = loop.create_future()
             self._pending[seq] = future
             futures.append(future)
             chunks.append(encode(cmd_id, body, seq_num=seq, user_id=user_id))
         self._transport.write(b"".join(chunks))
-        return list(await asyncio.wait_for(asyncio.gather(*futures), timeout))
+        try:
+            return list(await asyncio.wait_for(asyncio.gather(*futures), timeout))
+        finally:
+            # A timed-out or cancelled call must not leave its seq numbers behind.
+            for seq, future in zip(seqs, futures, strict=True):
+                if self._pending.get(seq) is future:  # answered ones were popped already
+                    del self._pending[seq]
 
     def send_raw(self, data: bytes) -> None:
         """Write bytes as they are (for tests of malformed input)."""
@@ -108,19 +119,29 @@ class Client:
             self._transport.close()
             await asyncio.shield(self._closed)
 
+    def abort(self) -> None:
+        """Drop the connection at once; pending calls fail with ConnectionError."""
+        if self._transport is not None:
+            self._transport.abort()
+
     def _data_received(self, data: bytes) -> None:
         try:
             run = self._decoder.feed(data)
         except ProtocolError as exc:
+            self._deliver(exc.run)
             self._fail(ConnectionError(f"server broke the protocol: {exc}"))
             if self._transport is not None:
                 self._transport.abort()
             return
+        self._deliver(run)
+
+    def _deliver(self, run: bytes | bytearray | memoryview) -> None:
         pending = self._pending
         for packet in iter_packets(run, self.codec):
             future = pending.pop(packet.seq_num, None)
             if future is None:
-                self.unsolicited.put_nowait(packet)
+                if self.keep_unsolicited:
+                    self.unsolicited.put_nowait(packet)
             elif not future.done():
                 future.set_result(packet)
 

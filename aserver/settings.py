@@ -197,14 +197,15 @@ def from_toml_text(text: str, source: str = "settings") -> Settings:
 
 
 def from_dict(raw: dict, source: str = "settings") -> Settings:
-    problems = _per_key_problems(raw)
-    if not problems:
-        try:
-            settings = msgspec.convert(raw, Settings)
-        except msgspec.ValidationError as exc:
-            problems = [_explain(exc)]
-        else:
-            problems = _check(settings)
+    problems, valid = _per_key_problems(raw)
+    # Rules across keys are checked on the valid keys too, so they are reported
+    # alongside the others rather than only once those are fixed.
+    try:
+        settings = msgspec.convert(valid, Settings)
+    except msgspec.ValidationError as exc:
+        problems.append(_explain(exc))
+    else:
+        problems += _check(settings)
     if problems:
         raise SettingsError("\n".join(f"{source}: {p}" for p in problems))
     return settings
@@ -222,15 +223,18 @@ def load(path: str | Path, overrides: dict | None = None) -> Settings:
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"{path}: not valid TOML: {exc}") from None
     for dotted, value in (overrides or {}).items():
-        section, key = dotted.split(".")
-        raw.setdefault(section, {})[key] = value
+        section, _, key = dotted.partition(".")
+        table = raw.setdefault(section, {})
+        if isinstance(table, dict):  # otherwise the section itself is reported as wrong
+            table[key] = value
     return from_dict(raw, str(path))
 
 
-def _per_key_problems(raw: dict) -> list[str]:
+def _per_key_problems(raw: dict) -> tuple[list[str], dict]:
     """Validate each key on its own (every field has a default), so all problems are
-    reported at once rather than the first only."""
+    reported at once rather than the first only. Also returns the keys that passed."""
     problems = []
+    valid: dict[str, dict] = {}
     sections = {f.encode_name: f.type for f in msgspec.structs.fields(Settings)}
     for section, values in raw.items():
         struct_type = sections.get(section)
@@ -240,8 +244,10 @@ def _per_key_problems(raw: dict) -> list[str]:
         if not isinstance(values, dict):
             problems.append(f"{section}: expected a [{section}] table")
             continue
+        valid[section] = {}
         if section == "service":
-            continue  # the service's own keys: its handlers validate them
+            valid[section] = values  # the service's own keys: its handlers validate them
+            continue
         for key, value in values.items():
             try:
                 msgspec.convert({key: value}, struct_type)
@@ -254,7 +260,9 @@ def _per_key_problems(raw: dict) -> list[str]:
                     check(value)
                 except ValueError as exc:
                     problems.append(f"{section}.{key}: {exc}")
-    return problems
+                    continue
+            valid[section][key] = value
+    return problems, valid
 
 
 def _explain(exc: msgspec.ValidationError, prefix: str = "") -> str:

@@ -138,6 +138,30 @@ class ServerProcess:
                 kids.append(int(entry.name))
         return kids
 
+    def child_pids(self, role: str) -> dict[int, int]:
+        """{index: pid} of the children with this role ("conn" or "worker"), found by
+        their process titles."""
+        found = {}
+        for pid in self.children():
+            try:
+                title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+            except OSError:
+                continue
+            match = re.search(rf"\]: {role} (\d+)$", title)
+            if match:
+                found[int(match.group(1))] = pid
+        return found
+
+    def wait_for_children(self, role: str, count: int, exclude: set[int] = frozenset(), timeout: float = 10.0):
+        """Wait until `count` children of `role` run, none of them in `exclude`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pids = self.child_pids(role)
+            if len(pids) == count and not set(pids.values()) & exclude:
+                return pids
+            time.sleep(0.02)
+        raise AssertionError(f"expected {count} {role} processes, have {self.child_pids(role)}:\n{self.log_text()}")
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
         if self.process is None:
             return None

@@ -124,3 +124,30 @@ async def stopping() -> None:
 def route(header, connection, workers: int) -> int:
     """Routing hook for tests: small user ids to worker 0, the rest to the last worker."""
     return 0 if header.user_id < 1000 else workers - 1
+
+
+HANG = 12
+
+
+@app.handler(HANG)
+async def hang(request: Request) -> bytes:
+    """Blocks the worker's event loop (a handler calling blocking code by mistake)."""
+    import time
+
+    time.sleep(60)
+    return b"too late"
+
+
+if os.environ.get("PROBE_CRASH_AFTER"):
+
+    @app.every(float(os.environ["PROBE_CRASH_AFTER"]))
+    async def crash() -> None:
+        os._exit(70)
+
+
+def child_exited(role: str, index: int, pid: int, exitcode: int) -> None:
+    """supervisor.on_child_exit hook for tests."""
+    directory = os.environ.get("PROBE_EVENTS_DIR")
+    if directory:
+        with open(os.path.join(directory, "exits.log"), "a") as f:
+            f.write(f"{role} {index} {pid} {exitcode}\n")

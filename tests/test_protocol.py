@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 import pytest
@@ -36,9 +37,7 @@ packets_st = st.builds(
 
 
 def encode(codec: PacketCodec, p: Packet) -> bytes:
-    return codec.encode(
-        p.cmd_id, p.body, seq_num=p.seq_num, status_code=p.status_code, user_id=p.user_id
-    )
+    return codec.encode(p.cmd_id, p.body, seq_num=p.seq_num, status_code=p.status_code, user_id=p.user_id)
 
 
 def cut(data: bytes, cuts: list[int]) -> list[bytes]:
@@ -234,12 +233,14 @@ def test_minimum_packet_header_only(order):
     cuts=st.lists(st.integers(0, 30_000), max_size=8),
 )
 def test_garbage_after_valid_packets_valid_first_then_error(order, packets, bad_len, tail, cuts):
-    """Valid packets ahead of a bad header are delivered, then the error follows,
-    however the stream is split (including valid packets and garbage in one chunk)."""
+    """Valid packets ahead of a bad header are delivered, then the error follows, however
+    both are split (the bad length too may arrive in pieces). The bad header starts a new
+    feed here; the same-chunk case is test_valid_and_garbage_in_one_chunk_delivers_valid."""
     codec = PacketCodec(order)
     valid = b"".join(encode(codec, p) for p in packets)
-    stream = valid + codec.length.pack(bad_len) + tail
-    out, error = feed_until_error(FrameDecoder(codec, MAX_LEN), cut(stream, cuts))
+    garbage = codec.length.pack(bad_len) + tail
+    pieces = cut(valid, cuts) + cut(garbage, [c // 7 for c in cuts])
+    out, error = feed_until_error(FrameDecoder(codec, MAX_LEN), pieces)
     assert error is not None
     assert out == valid
     assert list(iter_packets(out, codec)) == packets
@@ -296,7 +297,7 @@ def test_split_run_pieces(order, packets, slack):
     reparsed = [pkt for piece in pieces for pkt in iter_packets(piece, codec)]
     assert reparsed == packets
     # and not needlessly many: two neighbours could not have been one piece
-    for a, b in zip(pieces, pieces[1:], strict=False):
+    for a, b in itertools.pairwise(pieces):
         assert len(a) + codec.length.unpack_from(b, 0)[0] > limit
     if run:
         assert all(len(p) > 0 for p in pieces)

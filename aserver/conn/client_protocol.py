@@ -43,6 +43,7 @@ class ClientProtocol(asyncio.Protocol):
         self.worker = 0
         self.closed = False
         self.discarding = False  # stopping: input is read and thrown away
+        self.close_when_answered = False  # after a protocol error
         # Per worker: runs not fully answered, oldest first (a worker finishes a
         # connection's requests in order).
         self.inflight: dict[int, deque[InFlight]] = {}
@@ -68,6 +69,8 @@ class ClientProtocol(asyncio.Protocol):
         try:
             run = self._decoder.feed(data)
         except ProtocolError as exc:
+            if exc.run:
+                self._server.forward(self, exc.run, exc.count)
             self._server.protocol_error(self, str(exc))
             return
         if run:
@@ -158,7 +161,9 @@ class ClientProtocol(asyncio.Protocol):
             self.transport.close()
 
     def close(self) -> None:
+        """Close after the replies already queued are written."""
         if self.transport is not None:
+            self.flush_replies()
             self.transport.close()
 
     def abort(self) -> None:

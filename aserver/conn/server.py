@@ -130,10 +130,16 @@ class ConnServer:
             self.links[worker].send_requests(conn, piece, count_packets(piece, self.codec))
 
     def protocol_error(self, conn: ClientProtocol, reason: str) -> None:
+        """Stop reading; close once the requests before the bad packet are answered."""
         self.stats["protocol_errors"] += 1
         peer = conn.info.peer
         log.warning("closing %s:%s (connection %x): protocol error: %s", peer[0], peer[1], conn.conn_id, reason)
-        conn.abort()
+        conn.discarding = True
+        conn.pause(PAUSED_FOR_STOP)
+        if conn.outstanding:
+            conn.close_when_answered = True
+        else:
+            conn.close()
 
     def slow_reader(self, conn: ClientProtocol, backlog: int) -> None:
         self.stats["slow_readers"] += 1
@@ -156,15 +162,16 @@ class ConnServer:
                     self.stats["replies_to_closed"] += 1
                 continue
             answered = kind >> records.ACK_SHIFT
-            if answered:
-                conn.answered(worker, answered)
             kind &= records.KIND_MASK
             if kind == records.PACKETS:
                 if payload and conn.queue_reply(payload):
                     pending.append(conn)
             elif kind == records.CLOSE:
-                conn.flush_replies()
                 conn.close()
+            if answered:
+                conn.answered(worker, answered)
+                if conn.close_when_answered and not conn.outstanding:
+                    conn.close()
         if pending and not self._flush_scheduled:
             # Flush after every ring had its turn this iteration: one write per connection.
             self._flush_scheduled = True
@@ -210,6 +217,9 @@ class ConnServer:
             for entry in entries:
                 link.send_requests(conn, entry.run, entry.remaining)
         link._on_room()  # connections paused on the old ring may read again
+        for conn in list(self.connections.values()):
+            if conn.close_when_answered and not conn.outstanding:
+                conn.close()
         self._flush()
         if lost:
             self.stats["worker_lost"] += lost

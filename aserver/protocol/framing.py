@@ -13,7 +13,16 @@ from aserver.protocol.header import HEADER_SIZE, Packet, PacketCodec
 
 
 class ProtocolError(Exception):
-    """The peer broke the framing rules; the connection cannot continue."""
+    """The peer broke the framing rules; the connection cannot continue.
+
+    `run` holds the complete packets that arrived before the offending header (in the
+    same feed), so they can still be served before the connection is closed.
+    """
+
+    def __init__(self, message: str, run: bytes = b"", count: int = 0) -> None:
+        super().__init__(message)
+        self.run = run
+        self.count = count
 
 
 class FrameDecoder:
@@ -51,9 +60,9 @@ class FrameDecoder:
         while size - end >= 4:
             (length,) = unpack_length(data, end)
             if length < HEADER_SIZE or length > max_len:
-                raise ProtocolError(
-                    f"packet length {length} outside [{HEADER_SIZE}, {max_len}]"
-                )
+                run = bytes(memoryview(data)[:end])
+                self._buffer = bytearray()
+                raise ProtocolError(f"packet length {length} outside [{HEADER_SIZE}, {max_len}]", run, count)
             if size - end < length:
                 break
             end += length

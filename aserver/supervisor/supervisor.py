@@ -257,7 +257,8 @@ class Supervisor:
 
     def _on_exit(self, child: Child, process: aiomultiprocess.Process) -> None:
         self.loop.remove_reader(process.aio_process.sentinel)
-        process.aio_process.join(0)
+        # The sentinel closes a moment before the child can be reaped.
+        process.aio_process.join(1)
         code = process.exitcode
         if child.process is not process:
             return
@@ -301,7 +302,9 @@ class Supervisor:
             self.stopping.set()
             return
         child.quick_deaths = child.quick_deaths + 1 if lived < QUICK_DEATH else 0
-        delay = min(RESTART_BACKOFF_MAX, RESTART_BACKOFF_BASE * 2 ** (child.quick_deaths - 1)) if child.quick_deaths else 0
+        delay = 0.0
+        if child.quick_deaths:
+            delay = min(RESTART_BACKOFF_MAX, RESTART_BACKOFF_BASE * 2 ** (child.quick_deaths - 1))
         log.error("%s (pid %s) %s after %.1fs; restarting%s", child.name, pid, how, lived,
                   f" in {delay:.1f}s" if delay else "")
         async with self._topology:
@@ -385,6 +388,7 @@ class Supervisor:
                 await self._retire(old)
                 await self._hand_over(old)
                 child.restarts = old.restarts
+                child.last_pong = time.monotonic()  # heartbeats start now
                 self.workers[slot] = child
                 answer = await self.ask(child, "attach")
                 if answer is None and child.alive:

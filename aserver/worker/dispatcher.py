@@ -177,7 +177,7 @@ class Dispatcher:
 
     async def _handle(self, conn: Connection, packet: tuple) -> None:
         seq, cmd, status, user, body = packet
-        handler = self.app.handlers.get(cmd)
+        handler = self.app.handlers.get(cmd) or self.app.fallback_handler
         if handler is None:
             self.stats["unknown_command"] += 1
             log.warning("unknown cmd_id %d from %s:%s (seq %d); replied UNKNOWN_COMMAND",

@@ -51,7 +51,7 @@ async def _serve(spec: ChildSpec, control: ChildControl) -> None:
     control.on("conn_gone", lambda m: {"event": "conn_reset", "closed": dispatcher.conn_gone(m["index"])})
     control.on("stats", lambda m: {"event": "stats", **dispatcher.snapshot()})
     attach = asyncio.Event()
-    control.on("attach", lambda m: attach.set())
+    control.on("attach", lambda m: attach.set() or {"event": "attaching"})
     periodic: list[asyncio.Task] = []
     if spec.standby:
         control.report("ready")
@@ -65,9 +65,7 @@ async def _serve(spec: ChildSpec, control: ChildControl) -> None:
         dispatcher.attach(senders, receivers)
         periodic = [asyncio.ensure_future(_every(seconds, hook)) for seconds, hook in app.periodic]
         dispatcher.start()
-        if spec.standby:
-            control.report("attached")
-        else:
+        if not spec.standby:
             control.report("ready")
         await control.stop.wait()
         # Finish what we took; what is still in the rings waits for our successor.
