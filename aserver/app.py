@@ -24,16 +24,22 @@ class Status(enum.IntEnum):
 
 
 class Reply(NamedTuple):
-    """What a handler may return instead of bare body bytes."""
+    """What a handler may return instead of bare body bytes. A typed handler's reply
+    body may be a Struct."""
 
-    body: bytes | bytearray | memoryview = b""
+    body: Any = b""
     status: int = 0
+
+
+class BadRequest(Exception):
+    """Raise in a handler (typed handlers raise it for an undecodable body): the client
+    gets status BAD_REQUEST and the reason goes to the log, without a traceback."""
 
 
 class Request:
     """One request packet, as a handler sees it."""
 
-    __slots__ = ("body", "cmd_id", "connection", "seq_num", "status_code", "user_id")
+    __slots__ = ("body", "cmd_id", "connection", "message", "seq_num", "status_code", "user_id")
 
     def __init__(
         self,
@@ -50,6 +56,7 @@ class Request:
         self.user_id = user_id
         self.body = body
         self.connection = connection
+        self.message: Any = None  # the decoded body, for typed handlers
 
     @property
     def peer(self) -> tuple[str, int]:
@@ -92,6 +99,8 @@ class App:
         # The settings file's [service] table, set in each worker before start-up hooks.
         self.config: dict[str, Any] = {}
         self.handlers: dict[int, Handler] = {}
+        # cmd_id -> (request Struct type, reply Struct type) for typed handlers
+        self.message_types: dict[int, tuple[Any, Any]] = {}
         self.fallback_handler: Handler | None = None
         self.connect_hooks: list[ConnectionHook] = []
         self.disconnect_hooks: list[ConnectionHook] = []
@@ -99,7 +108,10 @@ class App:
         self.shutdown_hooks: list[Hook] = []
         self.periodic: list[tuple[float, Hook]] = []
 
-    def handler(self, cmd_id: int) -> Callable[[F], F]:
+    def handler(self, cmd_id: int, *, request: Any = None, reply: Any = None) -> Callable[[F], F]:
+        """Register an async handler for `cmd_id`. With `request` (a msgspec Struct
+        type) the body is decoded into `request.message`; with `reply` the handler may
+        return that Struct. The wire format is the setting workers.body_format."""
         if not isinstance(cmd_id, int) or not 0 <= cmd_id <= 0xFFFF:
             raise ValueError(f"cmd_id must be an integer in 0-65535, got {cmd_id!r}")
 
@@ -108,6 +120,8 @@ class App:
             if cmd_id in self.handlers:
                 raise ValueError(f"cmd_id {cmd_id} already has a handler: {self.handlers[cmd_id].__qualname__}")
             self.handlers[cmd_id] = fn
+            if request is not None or reply is not None:
+                self.message_types[cmd_id] = (request, reply)
             return fn
 
         return register
@@ -154,7 +168,8 @@ class App:
     def include(self, other: App) -> None:
         """Merge another app's registrations into this one (cmd_ids must not clash)."""
         for cmd_id, fn in other.handlers.items():
-            self.handler(cmd_id)(fn)
+            request, reply = other.message_types.get(cmd_id, (None, None))
+            self.handler(cmd_id, request=request, reply=reply)(fn)
         if other.fallback_handler is not None:
             self.fallback(other.fallback_handler)
         self.connect_hooks += other.connect_hooks

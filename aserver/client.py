@@ -8,8 +8,22 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from typing import Any, TypeVar
 
 from aserver.protocol import ByteOrder, FrameDecoder, Packet, PacketCodec, ProtocolError, iter_packets
+from aserver.typed import BodyFormat, codecs
+
+
+T = TypeVar("T")
+
+
+class ReplyError(Exception):
+    """A typed call was answered with a non-zero status."""
+
+    def __init__(self, reply: Packet) -> None:
+        super().__init__(f"cmd_id {reply.cmd_id} answered with status {reply.status_code:#x}")
+        self.reply = reply
+        self.status = reply.status_code
 
 
 class ClientProtocol(asyncio.Protocol):
@@ -73,6 +87,24 @@ class Client:
     async def call(self, cmd_id: int, body: bytes = b"", *, user_id: int = 0, timeout: float | None = None) -> Packet:
         """Send one request and wait for the reply with the same seq_num."""
         return (await self.call_many([(cmd_id, body, user_id)], timeout=timeout))[0]
+
+    async def call_typed(
+        self,
+        cmd_id: int,
+        message: Any,
+        reply_type: type[T],
+        *,
+        user_id: int = 0,
+        body_format: BodyFormat = "msgpack",
+        timeout: float | None = None,
+    ) -> T:
+        """Send a Struct (or any msgspec-encodable value) and decode the reply body as
+        `reply_type`. A reply with a non-zero status raises ReplyError."""
+        encode = codecs(body_format, Any)[1]
+        reply = await self.call(cmd_id, encode(message), user_id=user_id, timeout=timeout)
+        if reply.status_code != 0:
+            raise ReplyError(reply)
+        return codecs(body_format, reply_type)[0](reply.body)
 
     async def call_many(
         self, requests: Iterable[tuple[int, bytes, int]], *, timeout: float | None = None

@@ -66,7 +66,9 @@ class WorkerSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # the requests of one connection one after another.
     concurrency: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 256
     # Requests a worker holds in memory before it leaves the rest in its ring (backpressure).
-    max_pending: Annotated[int, msgspec.Meta(ge=1)] = 10_000
+    max_pending: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 10_000
+    # Wire format of typed handlers' bodies (@app.handler(..., request=Struct)).
+    body_format: Literal["msgpack", "json"] = "msgpack"
 
 
 class RingSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

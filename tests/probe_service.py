@@ -7,7 +7,9 @@ to files in $PROBE_EVENTS_DIR, one file per worker process.
 import asyncio
 import os
 
-from aserver import App, Connection, Reply, Request
+import msgspec
+
+from aserver import App, BadRequest, Connection, Reply, Request
 
 app = App("probe")
 _background: set[asyncio.Task] = set()
@@ -151,3 +153,28 @@ def child_exited(role: str, index: int, pid: int, exitcode: int) -> None:
     if directory:
         with open(os.path.join(directory, "exits.log"), "a") as f:
             f.write(f"{role} {index} {pid} {exitcode}\n")
+
+
+class Login(msgspec.Struct):
+    name: str
+    level: int = 1
+
+
+class Welcome(msgspec.Struct):
+    greeting: str
+    level: int
+
+
+LOGIN, LOGIN_REJECT = 20, 21
+
+
+@app.handler(LOGIN, request=Login, reply=Welcome)
+async def login(request: Request) -> Welcome:
+    return Welcome(greeting=f"hello {request.message.name}", level=request.message.level + 1)
+
+
+@app.handler(LOGIN_REJECT, request=Login, reply=Welcome)
+async def login_reject(request: Request) -> Reply:
+    if request.message.level < 10:
+        raise BadRequest("level too low")
+    return Reply(Welcome(greeting="vip", level=request.message.level), status=7)

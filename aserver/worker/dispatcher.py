@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 
 import msgspec
 
-from aserver.app import App, Reply, Request, Status
+from aserver.app import App, BadRequest, Reply, Request, Status
 from aserver.ipc import records
 from aserver.ipc.channel import RingReceiver, RingSender
 from aserver.protocol import HEADER_SIZE, PacketCodec, iter_packets
+from aserver.typed import BodyFormat, typed_handler
 from aserver.worker.connection import Connection
 
 log = logging.getLogger("aserver.worker")
@@ -35,8 +37,13 @@ class Dispatcher:
         loop: asyncio.AbstractEventLoop,
         concurrency: int,
         max_pending: int,
+        body_format: BodyFormat = "msgpack",
     ) -> None:
         self.app = app
+        self.handlers = {
+            cmd: typed_handler(fn, *app.message_types[cmd], body_format) if cmd in app.message_types else fn
+            for cmd, fn in app.handlers.items()
+        }
         self.codec = codec
         self.loop = loop
         self.concurrency = concurrency
@@ -52,7 +59,7 @@ class Dispatcher:
         self.pending = 0  # requests received and not yet answered
         self._idle = asyncio.Event()
         self._idle.set()
-        self.stats = {"requests": 0, "unknown_command": 0, "handler_errors": 0}
+        self.stats: Counter[str] = Counter()
 
     def attach(self, senders: list[RingSender], receivers: list[RingReceiver]) -> None:
         self.senders = senders
@@ -159,7 +166,10 @@ class Dispatcher:
                     self.connections.pop(conn.id, None)
                     self._outbox.pop(conn.id, None)
                 else:
-                    await self._handle(conn, job)
+                    try:
+                        await self._handle(conn, job)
+                    except Exception:  # a bug of ours: never let it kill this consumer
+                        log.exception("internal error on cmd_id %s from %r", job[1], conn)
                     self._answered(conn.id)
                     self.pending -= 1
                     if self._intake_paused:
@@ -177,7 +187,7 @@ class Dispatcher:
 
     async def _handle(self, conn: Connection, packet: tuple) -> None:
         seq, cmd, status, user, body = packet
-        handler = self.app.handlers.get(cmd) or self.app.fallback_handler
+        handler = self.handlers.get(cmd) or self.app.fallback_handler
         if handler is None:
             self.stats["unknown_command"] += 1
             log.warning("unknown cmd_id %d from %s:%s (seq %d); replied UNKNOWN_COMMAND",
@@ -198,6 +208,12 @@ class Dispatcher:
                 )
             if not conn.closed:
                 self.send_packet(conn.id, seq, cmd, status, user, body)
+        except BadRequest as exc:
+            self.stats["bad_requests"] += 1
+            log.warning("bad request cmd_id %d seq %d from %s:%s: %s; replied BAD_REQUEST",
+                        cmd, seq, conn.peer[0], conn.peer[1], exc)
+            if not conn.closed:
+                self.send_packet(conn.id, seq, cmd, Status.BAD_REQUEST, user, b"")
         except Exception:
             self.stats["handler_errors"] += 1
             log.exception("handler %s failed on cmd_id %d seq %d from %s:%s; replied HANDLER_ERROR",

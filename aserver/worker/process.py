@@ -46,7 +46,12 @@ async def _serve(spec: ChildSpec, control: ChildControl) -> None:
     except Exception as exc:
         startup_failed(control, f"worker {spec.index} could not start", exc)
     dispatcher = Dispatcher(
-        app, PacketCodec(settings.byte_order), loop, settings.workers.concurrency, settings.workers.max_pending
+        app,
+        PacketCodec(settings.byte_order),
+        loop,
+        settings.workers.concurrency,
+        settings.workers.max_pending,
+        settings.workers.body_format,
     )
     control.on("conn_gone", lambda m: {"event": "conn_reset", "closed": dispatcher.conn_gone(m["index"])})
     control.on("stats", lambda m: {"event": "stats", **dispatcher.snapshot()})
