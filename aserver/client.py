@@ -13,7 +13,6 @@ from typing import Any, TypeVar
 from aserver.protocol import ByteOrder, FrameDecoder, Packet, PacketCodec, ProtocolError, iter_packets
 from aserver.typed import BodyFormat, codecs
 
-
 T = TypeVar("T")
 
 

@@ -8,6 +8,7 @@ import pytest
 from aserver import Status
 from aserver.client import Client, ReplyError
 from aserver.testing import ServerProcess
+
 from probe_service import ECHO, LOGIN, LOGIN_REJECT, Login, Welcome
 
 TESTS_DIR = str(Path(__file__).parent)
