@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import inspect
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
@@ -75,6 +76,19 @@ Handler = Callable[[Request], Awaitable[HandlerResult]]
 ConnectionHook = Callable[["Connection"], Awaitable[None]]
 Hook = Callable[[], Awaitable[None]]
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+# A handler run in the conn process (in_conn=True): sync, on the conn's hot path.
+ConnHandler = Callable[[Request], HandlerResult]
+
+
+def _worker_side(fn: ConnHandler) -> Handler:
+    """The async form of an in-conn handler, for the worker (see aserver.conn.in_conn)."""
+    import functools
+
+    @functools.wraps(fn)
+    async def run(request: Request) -> HandlerResult:
+        return fn(request)
+
+    return run
 
 
 def _require_async(fn: Callable, what: str) -> None:
@@ -101,6 +115,8 @@ class App:
         self.handlers: dict[int, Handler] = {}
         # cmd_id -> (request Struct type, reply Struct type) for typed handlers
         self.message_types: dict[int, tuple[Any, Any]] = {}
+        # cmd_id -> sync handler the conn process may run itself (in_conn=True)
+        self.conn_handlers: dict[int, ConnHandler] = {}
         self.fallback_handler: Handler | None = None
         self.connect_hooks: list[ConnectionHook] = []
         self.disconnect_hooks: list[ConnectionHook] = []
@@ -108,14 +124,29 @@ class App:
         self.shutdown_hooks: list[Hook] = []
         self.periodic: list[tuple[float, Hook]] = []
 
-    def handler(self, cmd_id: int, *, request: Any = None, reply: Any = None) -> Callable[[F], F]:
+    def handler(
+        self, cmd_id: int, *, request: Any = None, reply: Any = None, in_conn: bool = False
+    ) -> Callable[[F], F]:
         """Register an async handler for `cmd_id`. With `request` (a msgspec Struct
         type) the body is decoded into `request.message`; with `reply` the handler may
-        return that Struct. The wire format is the setting workers.body_format."""
+        return that Struct. The wire format is the setting workers.body_format.
+        With `in_conn=True` the handler is a fast *sync* function the conn process runs
+        itself when reply order allows (else a worker runs it); there
+        `request.connection` has only `id` and `peer`."""
         if not isinstance(cmd_id, int) or not 0 <= cmd_id <= 0xFFFF:
             raise ValueError(f"cmd_id must be an integer in 0-65535, got {cmd_id!r}")
 
         def register(fn: F) -> F:
+            if in_conn:  # a sync function, answered in the conn process when order allows
+                if request is not None or reply is not None:
+                    raise ValueError(f"in_conn handler for cmd_id {cmd_id} takes raw bodies (no request=/reply=)")
+                if inspect.iscoroutinefunction(fn):
+                    raise TypeError(f"in_conn handler {fn.__qualname__!r} must be a plain (sync) function")
+                if cmd_id in self.handlers:
+                    raise ValueError(f"cmd_id {cmd_id} already has a handler: {self.handlers[cmd_id].__qualname__}")
+                self.conn_handlers[cmd_id] = fn
+                self.handlers[cmd_id] = _worker_side(fn)
+                return fn
             _require_async(fn, f"handler for cmd_id {cmd_id}")
             if cmd_id in self.handlers:
                 raise ValueError(f"cmd_id {cmd_id} already has a handler: {self.handlers[cmd_id].__qualname__}")
@@ -172,6 +203,7 @@ class App:
             self.handler(cmd_id, request=request, reply=reply)(fn)
         if other.fallback_handler is not None:
             self.fallback(other.fallback_handler)
+        self.conn_handlers.update(other.conn_handlers)
         self.connect_hooks += other.connect_hooks
         self.disconnect_hooks += other.disconnect_hooks
         self.startup_hooks += other.startup_hooks

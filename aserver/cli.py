@@ -53,7 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         settings = _load(args.settings, overrides)
         if settings is None:
             return 2
-        logs.setup(settings.server.log_level, "supervisor")
+        try:
+            logs.setup(settings.server.log_level, "supervisor", settings.logging, settings.server.name)
+        except OSError as exc:
+            print(f"{args.settings}: logging.dir: cannot open the log file: {exc}", file=sys.stderr)
+            return 2
         from aserver.supervisor.supervisor import serve
 
         return serve(settings, args.settings, overrides)

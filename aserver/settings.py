@@ -76,11 +76,57 @@ class RingSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     size: Annotated[int, msgspec.Meta(ge=64 * 1024, le=1024 * 1024 * 1024)] = 8 * 1024 * 1024
 
 
+class MetricsSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # Prometheus endpoint served by the supervisor (GET http://bind/metrics).
+    enabled: bool = False
+    bind: str = "127.0.0.1:9100"
+
+
+class LoggingSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # One file per process (NAME-supervisor.log, NAME-conn-0.log, NAME-worker-0.log) in
+    # this directory, rotated by size; empty: everything to stderr.
+    dir: str = ""
+    max_bytes: Annotated[int, msgspec.Meta(ge=4096)] = 10 * 1024 * 1024
+    # Files kept per process, the current one included.
+    max_files: Annotated[int, msgspec.Meta(ge=2, le=1000)] = 5
+    # "json": one object per line (time, level, role, pid, logger, message, exc_info).
+    format: Literal["text", "json"] = "text"
+
+
+class LimitSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # Connections from one client IP (per conn process); 0: unlimited.
+    max_per_ip: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # CIDRs ("10.0.0.0/8", "::1/128", or a bare address). deny wins; an empty allow
+    # admits every address not denied.
+    allow: list[str] = msgspec.field(default_factory=list)
+    deny: list[str] = msgspec.field(default_factory=list)
+    # "module:function" called in the conn process as f(host, port) -> bool; False refuses.
+    accept_hook: str = ""
+    # Close a connection that sent nothing for this long with no request in flight; 0: off.
+    idle_timeout: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    # Close a connection whose packet is still incomplete this long after its first
+    # byte arrived (slowloris); 0: off.
+    packet_timeout: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+
+
+class ProxyProtocolSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # Every connection from a trusted address must start with a PROXY v1/v2 header;
+    # connections from other addresses are closed.
+    enabled: bool = False
+    trusted: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
+    # Seconds a connection may take to send its PROXY header.
+    header_timeout: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 5.0
+
+
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     workers: WorkerSettings = msgspec.field(default_factory=WorkerSettings)
     ring: RingSettings = msgspec.field(default_factory=RingSettings)
     supervisor: SupervisorSettings = msgspec.field(default_factory=SupervisorSettings)
+    limits: LimitSettings = msgspec.field(default_factory=LimitSettings)
+    proxy_protocol: ProxyProtocolSettings = msgspec.field(default_factory=ProxyProtocolSettings)
+    metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
+    logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
     # Free-form table for the service's own handlers: `app.config` in every worker.
     service: dict[str, Any] = msgspec.field(default_factory=dict)
 
@@ -91,6 +137,10 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     @property
     def bind_address(self) -> tuple[str, int]:
         return parse_bind(self.server.bind)
+
+    @property
+    def metrics_address(self) -> tuple[str, int]:
+        return parse_bind(self.metrics.bind)
 
 
 def parse_bind(value: str) -> tuple[str, int]:
@@ -124,11 +174,27 @@ def _check_hook(value: str) -> None:
         raise ValueError(f"{value!r} is not 'module:function'")
 
 
+def _check_networks(value: list[str]) -> None:
+    bad = []
+    for text in value:
+        try:
+            ipaddress.ip_network(text)
+        except ValueError as exc:
+            bad.append(str(exc))
+    if bad:
+        raise ValueError("not a CIDR: " + "; ".join(bad))
+
+
 # Rules on single values that msgspec's constraints cannot express.
 _KEY_CHECKS = {
     ("server", "bind"): parse_bind,
     ("workers", "routing"): _check_routing,
     ("supervisor", "on_child_exit"): _check_hook,
+    ("limits", "accept_hook"): _check_hook,
+    ("limits", "allow"): _check_networks,
+    ("limits", "deny"): _check_networks,
+    ("proxy_protocol", "trusted"): _check_networks,
+    ("metrics", "bind"): parse_bind,
 }
 
 

@@ -1,34 +1,41 @@
-"""Benchmark matrix: aserver (1 worker) against the single-process reference echo server.
+"""The benchmark: aserver against the single-process reference echo server, and the targets.
 
-    .venv/bin/python perf/bench.py --duration 5
+    .venv/bin/python perf/bench.py                 # everything, ~5 min
+    .venv/bin/python perf/bench.py --quick         # ~1 min look
+    .venv/bin/python perf/bench.py --only matrix --connections 50 --bodies 64
 
-For each configuration (64-byte bodies; 50 connections x 16 in flight, 50 x 1) the two
-servers run alternately, `--rounds` times each, each run on a fresh server and a free
-port. Prints every run, then a summary with the aserver/reference ratio, and writes JSON
-to perf/results/. Exits 1 if any reply failed verification.
+Sections (--only): "matrix" = connections x in-flight x body for the reference and aserver
+with each of --workers; "bytes" = 16 KiB bodies at 50 x 4; "cpu" = cmd 2 (~200 us of
+Python per request) with 1 and 2 workers; "idle" = --idle connections held open, the
+conn process's VmRSS growth per connection, then one echo on each. Servers of one
+configuration run one after another, each run on a fresh server and a free port.
 
-Also samples CPU during each measured window, from /proc: the client's, each server
-process's, and the rest of the machine ("other"), because on a 2-core machine the client,
-the server processes and anything else running all share the same cores.
+Prints every run, the matrix, the targets of issue 4 (ratios measured in this run) and
+writes results.json, results.md, throughput.png and latency.png to --out (default
+perf/results/bench-<time>/). Exits 1 if any reply failed verification. CPU of the client,
+each server process and the rest of the machine ("other") is sampled from /proc in each
+measured window: on a 2-core machine they all share the same cores.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import ctypes
 import os
+import queue
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import idle
 import loadgen
+import report
 
 PERF_DIR = Path(__file__).resolve().parent
 REPO = PERF_DIR.parent
@@ -36,13 +43,17 @@ RESULTS_DIR = PERF_DIR / "results"
 TICK = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 15.0
-NOISY_CORES = 0.2  # a run during which other processes used more than this is marked "*"
 
 SETTINGS_TOML = """\
 [server]
 name = "bench"
 log_level = "WARNING"
-max_connections = 10000
+# Room for the 10,000 idle connections; the supervisor raises its open-files limit to
+# match, which must stay under the hard limit (20,000 here).
+max_connections = 15000
+
+[supervisor]
+pid_file = "{pid_file}"
 
 [workers]
 count = {workers}
@@ -77,6 +88,12 @@ def echo_probe(port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+def die_with_parent() -> None:
+    """In the child before exec: SIGTERM when bench dies, even by SIGKILL (e.g. a test
+    timeout), so no server outlives it. Linux prctl(PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 class Server:
     """A server subprocess: started, awaited until it answers, stopped with SIGTERM."""
 
@@ -91,7 +108,7 @@ class Server:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             self.argv, cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True, start_new_session=True,
+            stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=die_with_parent,
         )
         threading.Thread(target=self._read_stderr, daemon=True).start()
         self._wait_ready()
@@ -256,192 +273,263 @@ def wait_for_quiet(max_wait: float, threshold: float = 0.15) -> float:
 
 # Runs --------------------------------------------------------------------------------------
 
+SECTIONS = ("matrix", "bytes", "cpu", "idle")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One run: a server (aserver with `workers` workers, or the reference) under one load."""
+
+    server: str
+    connections: int
+    depth: int
+    body: int
+    workers: int = 0
+    cmd: int = 1
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "key": report.config_key(self.connections, self.depth, self.body, self.cmd),
+                "label": report.server_label(self.server, self.workers)}
+
 
 @dataclass
 class Options:
-    duration: float = 5.0
-    warmup: float = 1.0
-    rounds: int = 2
-    connections: int = 50
-    depths: list[int] = field(default_factory=lambda: [16, 1])
-    body: int = 64
-    workers: int = 1
-    client_processes: int = 1
-    servers: list[str] = field(default_factory=lambda: ["reference", "aserver"])
+    duration: float = 3.0
+    warmup: float = 0.5
+    rounds: int = 1
+    connections: list[int] = field(default_factory=lambda: [50, 1000])
+    depths: list[int] = field(default_factory=lambda: [1, 16])
+    bodies: list[int] = field(default_factory=lambda: [64, 16384])
+    workers: list[int] = field(default_factory=lambda: [1, 2])
+    only: list[str] = field(default_factory=lambda: list(SECTIONS))
+    idle: int = 10_000  # idle connections opened in the "idle" section
+    client_processes: int = 0  # 0: auto (see clients_for)
     quiet_wait: float = 30.0  # max seconds to wait for an idle machine before each run
     aserver_root: Path = REPO  # where `python -m aserver` runs (and imports aserver from)
+    out: Path | None = None  # results directory (default: perf/results/bench-<time>)
 
 
-def run_one(server_name: str, depth: int, opts: Options, settings_path: Path) -> dict:
+def plan(opts: Options) -> list[list[Spec]]:
+    """Groups of runs at one load; the servers of a group run one after another (alternating)."""
+    groups: list[list[Spec]] = []
+
+    def group(connections: int, depth: int, body: int, servers: list[tuple[str, int]], cmd: int = 1) -> None:
+        groups.append([Spec(name, connections, depth, body, workers, cmd) for name, workers in servers])
+
+    aservers = [("aserver", w) for w in opts.workers]
+    if "matrix" in opts.only:
+        for connections in opts.connections:
+            for depth in opts.depths:
+                for body in opts.bodies:
+                    group(connections, depth, body, [("reference", 0), *aservers])
+    if "bytes" in opts.only:  # target: 16 KiB bodies at 50 x 4, bytes/s
+        group(50, 4, 16384, [("reference", 0), ("aserver", 1)])
+    if "cpu" in opts.only:  # target: cmd 2 scales with workers (the reference does no work)
+        group(50, 4, 64, [("aserver", 1), ("aserver", 2)], cmd=2)
+    return groups
+
+
+def clients_for(spec: Spec, opts: Options) -> int:
+    """Load generator processes: one cannot outrun a pipelined server, two can (measured
+    in perf/README.md); at depth 1 the server waits on round trips and one is plenty."""
+    if opts.client_processes:
+        return opts.client_processes
+    return 2 if spec.depth > 1 else 1
+
+
+def write_settings(directory: Path) -> Path:
+    path = directory / "settings.toml"
+    path.write_text(SETTINGS_TOML.format(workers=1, pid_file=directory / "aserver.pid"))
+    return path
+
+
+def start_server(spec: Spec, port: int, settings_path: Path, opts: Options) -> Server:
+    if spec.server == "reference":
+        return reference_server(port)
+    return aserver_server(port, spec.workers, settings_path, opts.aserver_root)
+
+
+def run_load(spec: Spec, opts: Options, settings_path: Path) -> dict:
+    """Start the server, run one load against it with CPU sampling, stop it."""
     if opts.quiet_wait > 0:
         wait_for_quiet(opts.quiet_wait)
     port = free_port()
-    is_reference = server_name == "reference"
-    server = (reference_server(port) if is_reference
-              else aserver_server(port, opts.workers, settings_path, opts.aserver_root))
-    with server:
+    clients = clients_for(spec, opts)
+    in_flight_bytes = spec.connections * spec.depth * (loadgen.HEADER_SIZE + spec.body)
+    with start_server(spec, port, settings_path, opts) as server:
         assert server.proc is not None
-        start_at = time.monotonic() + 0.3 * opts.client_processes + opts.warmup
-        cfg = loadgen.LoadConfig(port=port, connections=opts.connections, depth=depth, body=opts.body,
-                                 duration=opts.duration, warmup=opts.warmup,
-                                 processes=opts.client_processes, start_at=start_at)
+        # Connecting 1,000 sockets takes a moment: measuring starts after that and the warm-up.
+        start_at = time.monotonic() + 0.3 * clients + 0.001 * spec.connections + opts.warmup
+        cfg = loadgen.LoadConfig(port=port, connections=spec.connections, depth=spec.depth, body=spec.body,
+                                 duration=opts.duration, warmup=opts.warmup, cmd_id=spec.cmd,
+                                 processes=clients, start_at=start_at,
+                                 drain_timeout=5.0 + in_flight_bytes / 20e6)
         sampler = WindowSampler(server.proc.pid, start_at, opts.duration)
         sampler.start()
-        result = loadgen.run(cfg)
+        try:
+            result = loadgen.run(cfg)
+        except (OSError, RuntimeError, queue.Empty) as exc:  # e.g. connections refused: a failed run
+            result = failed_result(cfg, f"load generator failed: {type(exc).__name__}: {exc}")
         sampler.join(timeout=opts.duration + 10)
-    server_cpu = sampler.result.get("cores", {})
-    system = sampler.result.get("system", float("nan"))
+    return finish_result(result, spec, sampler.result, server)
+
+
+def failed_result(cfg: loadgen.LoadConfig, why: str) -> dict:
+    """A run that produced no measurement: counted as one error so bench exits 1."""
+    nan = float("nan")
+    return {"config": asdict(cfg), "requests": 0, "elapsed_s": 0.0, "req_per_s": 0.0, "bytes_per_s": 0.0,
+            "latency_ms": {"p50": nan, "p99": nan, "p99.9": nan, "samples": 0}, "errors": 1,
+            "error_samples": [why], "client_cpu_s": 0.0, "client_cpu_cores": 0.0, "connect_s": nan}
+
+
+def finish_result(result: dict, spec: Spec, window: dict, server: Server) -> dict:
+    server_cpu = window.get("cores", {})
     per_request = {
         name: {key: value / max(1, result["requests"]) for key, value in counts.items()}
-        for name, counts in sampler.result.get("counters", {}).items()
+        for name, counts in window.get("counters", {}).items()
         if server_cpu.get(name, 0.0) >= 0.01  # skip idle helpers (supervisor, trackers)
     }
     result.update(
-        server=server_name,
+        spec=spec.as_dict(),
+        server=spec.server,
         server_cpu_cores=server_cpu,
         server_per_request=per_request,
-        other_cpu_cores=system - sum(server_cpu.values()) - result["client_cpu_cores"],
+        other_cpu_cores=window.get("system", float("nan")) - sum(server_cpu.values()) - result["client_cpu_cores"],
         server_stderr_tail=server.stderr[-10:],
         loadavg=os.getloadavg(),
     )
     return result
 
 
+def holder_pid(server: Server) -> int:
+    """The process holding client sockets: aserver's conn process, or the reference itself."""
+    assert server.proc is not None
+    if server.name == "reference":
+        return server.proc.pid
+    for pid in process_tree(server.proc.pid):
+        cpu = process_cpu(pid)
+        if cpu is not None and short_title(cpu[0]) == "conn 0":
+            return pid
+    raise RuntimeError("no 'conn 0' process under the aserver supervisor")
+
+
+def run_idle(spec: Spec, opts: Options, settings_path: Path) -> dict:
+    if opts.quiet_wait > 0:
+        wait_for_quiet(opts.quiet_wait)
+    port = free_port()
+    with start_server(spec, port, settings_path, opts) as server:
+        result = idle.run("127.0.0.1", port, holder_pid(server), opts.idle)
+    print(f"idle {spec.as_dict()['label']:<11} {opts.idle:,} connections: "
+          f"{result['kib_per_conn_open']:.2f} KiB/conn open, {result['kib_per_conn_answered']:.2f} answered, "
+          f"{result['answered']:,} answered", flush=True)
+    return result
+
+
+ROW_HEADER = ("config            server           req/s     MB/s  p50 ms  p99 ms p99.9ms errors "
+              "client  other  server CPU (cores)")
+
+
 def print_row(r: dict) -> None:
-    lat = r["latency_ms"]
+    lat, spec = r["latency_ms"], r["spec"]
     cpu = " ".join(f"{k}={v:.2f}" for k, v in sorted(r["server_cpu_cores"].items()) if v >= 0.005)
-    noisy = " *" if r["other_cpu_cores"] > NOISY_CORES else ""
+    noisy = " *" if r["other_cpu_cores"] > report.NOISY_CORES else ""
+    if r.get("connect_s", 0.0) > 1.0:  # the window then started late, after the connects
+        noisy += f" (connecting took {r['connect_s']:.1f} s)"
     print(
-        f"{r['config']['connections']:>3}x{r['config']['depth']:<3} {r['server']:<9} "
-        f"{r['req_per_s']:>10,.0f} {lat['p50']:>7.2f} {lat['p99']:>7.2f} {lat['p99.9']:>7.2f} "
-        f"{r['errors']:>6} {r['client_cpu_cores']:>6.2f} {r['other_cpu_cores']:>6.2f}  {cpu}{noisy}",
+        f"{spec['key']:<17} {spec['label']:<11} {r['req_per_s']:>10,.0f} {r['bytes_per_s'] / 1e6:>8,.1f} "
+        f"{lat['p50']:>7.2f} {lat['p99']:>7.2f} {lat['p99.9']:>7.2f} {r['errors']:>6} "
+        f"{r['client_cpu_cores']:>6.2f} {r['other_cpu_cores']:>6.2f}  {cpu}{noisy}",
         flush=True,
     )
 
 
-ROW_HEADER = (
-    "config  server         req/s  p50 ms  p99 ms p99.9ms errors client  other  server CPU (cores)"
-)
-
-
-def _mean_dicts(dicts: list[dict[str, float]]) -> dict[str, float]:
-    keys = {k for d in dicts for k in d}
-    return {k: statistics.mean(d.get(k, 0.0) for d in dicts) for k in sorted(keys)}
-
-
-def summarize(runs: list[dict], opts: Options) -> list[dict]:
-    rows = []
-    for depth in opts.depths:
-        row: dict = {"config": f"{opts.connections}x{depth}", "body": opts.body}
-        for name in opts.servers:
-            mine = [r for r in runs if r["server"] == name and r["config"]["depth"] == depth]
-            if not mine:
-                continue
-            clean = [r for r in mine if r["other_cpu_cores"] <= NOISY_CORES]
-            mine = clean or mine  # runs disturbed by other processes count only if all were
-            row[name] = {
-                "clean_runs": len(clean),
-                "req_per_s_each": [round(r["req_per_s"]) for r in mine],
-                "req_per_s": statistics.mean(r["req_per_s"] for r in mine),
-                "p99_ms": statistics.median(r["latency_ms"]["p99"] for r in mine),
-                "client_cpu_cores": statistics.mean(r["client_cpu_cores"] for r in mine),
-                "server_cpu_cores": _mean_dicts([r["server_cpu_cores"] for r in mine]),
-                "per_request": {
-                    proc: _mean_dicts([r["server_per_request"].get(proc, {}) for r in mine])
-                    for proc in mine[0]["server_per_request"]
-                },
-            }
-        if "reference" in row and "aserver" in row:
-            row["ratio"] = row["aserver"]["req_per_s"] / row["reference"]["req_per_s"]
-        rows.append(row)
-    return rows
-
-
-def print_summary(rows: list[dict]) -> None:
-    print("\nsummary: mean req/s and median p99 over the runs not marked * (over all if every run is)")
-    print(f"{'config':<8}{'server':<10}{'req/s':>10}  {'runs used':<26}{'p99 ms':>7}{'client':>8}")
-    for row in rows:
-        for name in ("reference", "aserver"):
-            if name in row:
-                s = row[name]
-                runs = ", ".join(f"{x:,}" for x in s["req_per_s_each"])
-                print(f"{row['config']:<8}{name:<10}{s['req_per_s']:>10,.0f}  {runs:<26}"
-                      f"{s['p99_ms']:>7.2f}{s['client_cpu_cores']:>8.2f}")
-        if "ratio" in row:
-            print(f"{row['config']:<8}{'ratio':<10}{row['ratio']:>10.2f}  (aserver / reference)")
-    print("\nper server process (mean over the same runs): cores busy; per request: read and write")
-    print("syscalls, voluntary context switches (sleeps = wakeups needed), preemptions")
-    for row in rows:
-        for name in ("reference", "aserver"):
-            for proc, per in row.get(name, {}).get("per_request", {}).items():
-                cores = row[name]["server_cpu_cores"].get(proc, 0.0)
-                print(f"{row['config']:<8}{name:<10}{proc:<10} {cores:5.2f} cores  "
-                      f"read {per['read_syscalls']:.3f}  write {per['write_syscalls']:.3f}  "
-                      f"sleeps {per['voluntary_switches']:.3f}  preempted {per['preempted']:.3f}")
-
-
 def bench(opts: Options) -> dict:
-    """Run the whole matrix; returns {"options", "runs", "summary"}."""
-    runs = []
+    """Run everything selected; returns the report (options, runs, summary, idle, targets)."""
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    runs: list[dict] = []
+    idle_results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="aserver-bench-") as tmp:
-        settings_path = Path(tmp) / "settings.toml"
-        settings_path.write_text(SETTINGS_TOML.format(workers=opts.workers))
+        settings_path = write_settings(Path(tmp))
         print(ROW_HEADER, flush=True)
         for _ in range(opts.rounds):
-            for depth in opts.depths:
-                for name in opts.servers:
-                    result = run_one(name, depth, opts, settings_path)
-                    print_row(result)
-                    runs.append(result)
-    options = {**opts.__dict__, "aserver_root": str(opts.aserver_root)}
-    return {"options": options, "runs": runs, "summary": summarize(runs, opts)}
+            for group in plan(opts):
+                for spec in group:
+                    runs.append(run_load(spec, opts, settings_path))
+                    print_row(runs[-1])
+        if "idle" in opts.only:
+            for spec in (Spec("reference", opts.idle, 0, 0), Spec("aserver", opts.idle, 0, 0, workers=1)):
+                idle_results[spec.as_dict()["label"]] = run_idle(spec, opts, settings_path)
+    summary = report.summarize(runs)
+    options = {**asdict(opts), "aserver_root": str(opts.aserver_root), "out": str(opts.out)}
+    return {"started": started, "options": options, "runs": runs, "summary": summary,
+            "idle": idle_results, "targets": report.targets(summary, idle_results)}
 
 
-def write_results(report: dict) -> Path:
-    RESULTS_DIR.mkdir(exist_ok=True)
-    path = RESULTS_DIR / time.strftime("bench-%Y%m%d-%H%M%S.json")
-    path.write_text(json.dumps(report, indent=2))
-    return path
+def error_lines(rep: dict) -> list[str]:
+    lines = [f"{r['spec']['label']} {r['spec']['key']}: {s}" for r in rep["runs"] for s in r["error_samples"]]
+    lines += [f"{label} idle: {r['errors']} of {r['connections']} connections not answered"
+              for label, r in rep["idle"].items() if r["errors"]]
+    return lines
+
+
+def total_errors(rep: dict) -> int:
+    return sum(r["errors"] for r in rep["runs"]) + sum(r["errors"] for r in rep["idle"].values())
+
+
+def csv_ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
 
 
 def parse_args(argv: list[str] | None) -> Options:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per run")
-    parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load before measuring")
-    parser.add_argument("--rounds", type=int, default=2, help="runs per server per configuration")
-    parser.add_argument("--connections", type=int, default=50)
-    parser.add_argument("--depths", default="16,1", help="requests in flight per connection, comma-separated")
-    parser.add_argument("--body", type=int, default=64, help="body bytes")
-    parser.add_argument("--workers", type=int, default=1, help="aserver workers")
-    parser.add_argument("--client-processes", type=int, default=1, help="load generator processes")
-    parser.add_argument("--servers", default="reference,aserver", help="which servers, comma-separated")
+    parser.add_argument("--duration", type=float, default=3.0, help="measured seconds per run")
+    parser.add_argument("--warmup", type=float, default=0.5, help="seconds of load before measuring")
+    parser.add_argument("--rounds", type=int, default=1, help="runs per server per configuration")
+    parser.add_argument("--connections", type=csv_ints, default=[50, 1000], help="matrix: e.g. 50,1000")
+    parser.add_argument("--depths", type=csv_ints, default=[1, 16], help="matrix: requests in flight, e.g. 1,16")
+    parser.add_argument("--bodies", type=csv_ints, default=[64, 16384], help="matrix: body bytes, e.g. 64,16384")
+    parser.add_argument("--workers", type=csv_ints, default=[1, 2], help="matrix: aserver workers, e.g. 1,2")
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help=f"sections to run, comma-separated, of {','.join(SECTIONS)}")
+    parser.add_argument("--idle", type=int, default=10_000, help="idle connections in the idle section")
+    parser.add_argument("--quick", action="store_true",
+                        help="a ~1 minute look: 1 s runs, 50 connections only, 2,000 idle connections")
+    parser.add_argument("--client-processes", type=int, default=0,
+                        help="load generator processes (0: 2 when pipelining, else 1)")
     parser.add_argument("--quiet-wait", type=float, default=30.0,
                         help="max seconds to wait for an idle machine before each run (0: don't)")
     parser.add_argument("--aserver-root", type=Path, default=REPO,
                         help="run aserver from this source tree (default: this repository)")
+    parser.add_argument("--out", type=Path, help="results directory (default: perf/results/bench-<time>)")
     args = parser.parse_args(argv)
-    return Options(args.duration, args.warmup, args.rounds, args.connections,
-                   [int(d) for d in args.depths.split(",")], args.body, args.workers,
-                   args.client_processes, args.servers.split(","), args.quiet_wait,
-                   args.aserver_root.resolve())
+    only = [s for s in args.only.split(",") if s]
+    if unknown := set(only) - set(SECTIONS):
+        parser.error(f"unknown --only section(s): {', '.join(sorted(unknown))}")
+    opts = Options(args.duration, args.warmup, args.rounds, args.connections, args.depths, args.bodies,
+                   args.workers, only, args.idle, args.client_processes, args.quiet_wait,
+                   args.aserver_root.resolve(), args.out)
+    if args.quick:
+        opts.duration, opts.warmup, opts.connections, opts.idle = 1.0, 0.3, [50], min(opts.idle, 2000)
+    return opts
 
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
-    report = bench(opts)
-    print_summary(report["summary"])
-    noisy = sum(r["other_cpu_cores"] > NOISY_CORES for r in report["runs"])
+    rep = bench(opts)
+    print("\n## Matrix\n\n" + report.matrix_table(rep["summary"]))
+    if rep["idle"]:
+        print("\n## Idle connections\n\n" + report.idle_table(rep["idle"]))
+    print("\n## Targets\n\n" + report.targets_table(rep["targets"]))
+    noisy = sum(r["other_cpu_cores"] > report.NOISY_CORES for r in rep["runs"])
     if noisy:
         print(f"\n* {noisy} run(s) shared the machine with other busy processes: treat with care")
-    path = write_results(report)
-    print(f"\nresults: {path}")
-    errors = sum(r["errors"] for r in report["runs"])
-    if errors:
+    out = opts.out or RESULTS_DIR / time.strftime("bench-%Y%m%d-%H%M%S")
+    paths = report.write(rep, out)
+    print("\nresults: " + ", ".join(str(p) for p in paths))
+    if errors := total_errors(rep):
         print(f"\nFAILED: {errors} replies failed verification", file=sys.stderr)
-        for r in report["runs"]:
-            for s in r["error_samples"]:
-                print(f"  {r['server']} {r['config']['connections']}x{r['config']['depth']}: {s}",
-                      file=sys.stderr)
+        for line in error_lines(rep):
+            print(f"  {line}", file=sys.stderr)
         return 1
     return 0
 

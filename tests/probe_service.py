@@ -178,3 +178,36 @@ async def login_reject(request: Request) -> Reply:
     if request.message.level < 10:
         raise BadRequest("level too low")
     return Reply(Welcome(greeting="vip", level=request.message.level), status=7)
+
+
+PEER, PING, PING_FAIL, PING_STARTED = 30, 31, 32, 33
+
+
+@app.handler(PEER)
+async def peer(request: Request) -> bytes:
+    """The client address the handler sees: 'host port'."""
+    return f"{request.peer[0]} {request.peer[1]}".encode()
+
+
+@app.handler(PING, in_conn=True)
+def ping(request: Request) -> bytes:
+    """Answered in the conn process when reply order allows: 'pid host port body'."""
+    return f"{os.getpid()} {request.peer[0]} {request.peer[1]} ".encode() + request.body
+
+
+@app.handler(PING_FAIL, in_conn=True)
+def ping_fail(request: Request) -> bytes:
+    raise RuntimeError("deliberate in-conn failure for a test")
+
+
+@app.handler(PING_STARTED, in_conn=True)
+def ping_started(request: Request) -> bytes:
+    """Start-up hooks run only in workers: 'pid yes|no'."""
+    return f"{os.getpid()} {'yes' if getattr(app, 'started', False) else 'no'}".encode()
+
+
+def admit(host: str, port: int) -> bool:
+    """limits.accept_hook for tests: refuses 127.0.0.4, raises for 127.0.0.5."""
+    if host == "127.0.0.5":
+        raise RuntimeError("deliberate accept hook failure for a test")
+    return host != "127.0.0.4"

@@ -3,25 +3,45 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+PERF = Path(__file__).resolve().parent.parent / "perf"
+sys.path.insert(0, str(PERF))
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "perf"))
-
-import bench
-import loadgen
+import bench  # noqa: E402  (from perf/, put on the path above)
+import loadgen  # noqa: E402
 
 
-@pytest.mark.parametrize("server_name", ["reference", "aserver"])
-def test_bench_run_verifies_every_reply(server_name: str, tmp_path: Path) -> None:
-    settings = tmp_path / "settings.toml"
-    settings.write_text(bench.SETTINGS_TOML.format(workers=1))
-    opts = bench.Options(duration=0.4, warmup=0.1, connections=4, depths=[4], body=64, quiet_wait=0)
-    result = bench.run_one(server_name, 4, opts, settings)
-    assert result["requests"] > 0
-    assert result["errors"] == 0, result["error_samples"]
+def test_bench_command_end_to_end(tmp_path: Path) -> None:
+    """The documented command on a tiny scale: it runs, writes its files and every reply (and
+    every idle connection's echo) verified. "bytes" is left out: it is a matrix run at 16 KiB."""
+    out = tmp_path / "results"
+    argv = [sys.executable, str(PERF / "bench.py"), "--duration", "0.2", "--warmup", "0.1",
+            "--connections", "4", "--depths", "2", "--bodies", "64", "--workers", "1",
+            "--idle", "200", "--only", "matrix,cpu,idle", "--client-processes", "1", "--quiet-wait", "0",
+            "--out", str(out)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=PERF.parent)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert {p.name for p in out.iterdir()} >= {"results.json", "results.md", "throughput.png", "latency.png"}
+    report = json.loads((out / "results.json").read_text())
+    labels = {(r["spec"]["key"], r["spec"]["label"]) for r in report["runs"]}
+    assert labels == {("4x2 64 B", "reference"), ("4x2 64 B", "aserver w1"), ("50x4 64 B cmd 2", "aserver w1"),
+                      ("50x4 64 B cmd 2", "aserver w2")}
+    for run in report["runs"]:
+        assert run["requests"] > 0 and run["errors"] == 0, run["error_samples"]
+    assert [r["answered"] for r in report["idle"].values()] == [200, 200]
+    assert "## Targets" in (out / "results.md").read_text()
+
+
+def test_ring_plan_stays_in_budget() -> None:
+    """1,000 connections x 16 x 16 KiB would need 0.5 GB of rings: they shrink, then share."""
+    pkt = loadgen.HEADER_SIZE + 16384
+    ring_bytes, rings = loadgen.ring_plan(1000, pkt, 16)
+    assert ring_bytes == 32 * pkt and rings * ring_bytes <= loadgen.RING_BUDGET
+    assert loadgen.ring_plan(50, 64 + loadgen.HEADER_SIZE, 16) == (loadgen.RING_BYTES, 50)
 
 
 def test_loadgen_two_processes_and_summary(tmp_path: Path) -> None:

@@ -9,18 +9,22 @@ from collections import Counter
 
 import msgspec
 
-from aserver.app import Status
+from aserver.app import ConnHandler, Status
+from aserver.conn.admission import Admission, Refusal, parse_networks
 from aserver.conn.client_protocol import PAUSED_FOR_RING, PAUSED_FOR_STOP, ClientProtocol
-from aserver.conn.routing import Router
+from aserver.conn.in_conn import InConnAnswerer
+from aserver.conn.routing import ConnectionInfo, Router
+from aserver.conn.sweeper import Sweeper
 from aserver.ipc import records
 from aserver.ipc.channel import RingReceiver, RingSender
+from aserver.ipc.records import CONN_INDEX_SHIFT
 from aserver.ipc.ring import RingReader, RingWriter
 from aserver.protocol import HEADER_SIZE, PacketCodec, count_packets, iter_packets, split_run
+from aserver.protocol.proxy_header import ProxyInfo, is_trusted
 from aserver.settings import Settings
 
 log = logging.getLogger("aserver.conn")
 
-CONN_INDEX_SHIFT = 56  # a connection id carries its conn process index in its top byte
 
 
 class WorkerLink:
@@ -66,13 +70,25 @@ class ConnServer:
         incarnation: int,
         rings: list[tuple[RingWriter, RingReader]],
         loop: asyncio.AbstractEventLoop,
+        conn_handlers: dict[int, ConnHandler] | None = None,
     ) -> None:
         self.loop = loop
         self.index = index
         self.codec = PacketCodec(settings.byte_order)
         self.max_packet_size = settings.server.max_packet_size
         self.max_reply_backlog = settings.server.max_reply_backlog
-        self.max_connections = settings.server.max_connections
+        # server.max_connections is a total: each conn process takes an equal share.
+        self.admission = Admission(settings.limits, settings.server.max_connections, settings.server.conn_processes)
+        self.max_connections = self.admission.max_connections
+        # Open connections per client IP, kept only when limits.max_per_ip needs it.
+        self.per_ip: Counter[str] | None = Counter() if settings.limits.max_per_ip else None
+        proxy = settings.proxy_protocol
+        self.proxy_trusted = parse_networks(proxy.trusted) if proxy.enabled else None
+        # Connections from a trusted proxy whose PROXY header has not arrived: deadline.
+        self.awaiting_header: dict[ClientProtocol, float] = {}
+        self.header_timeout = proxy.header_timeout if proxy.enabled else 0.0
+        self.sweeper = Sweeper(self, settings.limits.idle_timeout, settings.limits.packet_timeout,
+                               self.header_timeout)
         self.router = Router(settings.workers.routing, len(rings), self.codec)
         self.links = [WorkerLink(self, i, writer, reader) for i, (writer, reader) in enumerate(rings)]
         self.connections: dict[int, ClientProtocol] = {}
@@ -83,11 +99,15 @@ class ConnServer:
         self._flush_scheduled = False
         self._server: asyncio.base_events.Server | None = None
         self.stats: Counter[str] = Counter()
+        self.in_conn = InConnAnswerer(conn_handlers, self.codec, self.stats) if conn_handlers else None
+        if self.in_conn is not None:
+            self.forward = self._forward_in_conn  # type: ignore[method-assign]  # default path untouched
 
     async def start(self, sock: socket.socket) -> None:
         for link in self.links:
             link.receiver.start()
         self._server = await self.loop.create_server(lambda: ClientProtocol(self), sock=sock)
+        self.sweeper.start()
 
     def next_conn_id(self) -> int:
         self._next_id += 1
@@ -95,14 +115,74 @@ class ConnServer:
 
     # Connection events ---------------------------------------------------------------
 
-    def admit(self, peer: tuple) -> bool:
-        if len(self.connections) >= self.max_connections:
-            self.stats["refused_max_connections"] += 1
-            log.warning("refused %s:%s: server.max_connections (%d) reached", peer[0], peer[1], self.max_connections)
-            return False
+    def accept(self, conn: ClientProtocol) -> None:
+        """A new socket: admit it, refuse it, or (PROXY protocol) wait for its header."""
+        peer = conn.peer
+        refusal = self.admission.capacity(len(self.connections) + len(self.awaiting_header))
+        if refusal is not None:
+            self._refuse(conn, peer, refusal)
+            return
+        if self.proxy_trusted is not None:
+            if not is_trusted(peer[0], self.proxy_trusted):
+                self._refuse(conn, peer, Refusal(
+                    "proxy_untrusted", "PROXY protocol is on and the peer is not in proxy_protocol.trusted"))
+                return
+            conn.expect_proxy_header()
+            self.awaiting_header[conn] = self.loop.time() + self.header_timeout
+            return
+        self._admit(conn, peer)
+
+    def _admit(self, conn: ClientProtocol, peer: tuple[str, int]) -> bool:
+        if self.admission.by_address:
+            same_ip = self.per_ip.get(peer[0], 0) if self.per_ip is not None else 0
+            refusal = self.admission.address(peer[0], peer[1], same_ip)
+            if refusal is not None:
+                self._refuse(conn, peer, refusal)
+                return False
+        self.opened(conn, peer)
         return True
 
-    def opened(self, conn: ClientProtocol) -> None:
+    def _refuse(self, conn: ClientProtocol, peer: tuple[str, int], refusal: Refusal) -> None:
+        self.stats["refused_" + refusal.reason] += 1
+        log.warning("refused %s:%s: %s", peer[0], peer[1], refusal.detail)
+        conn.closed = True
+        conn.abort()
+
+    def proxy_header_received(self, conn: ClientProtocol, info: ProxyInfo) -> bool:
+        """The header arrived: admit the real client (LOCAL, e.g. a health check: the
+        proxy itself). Returns False if the connection was refused."""
+        self.awaiting_header.pop(conn, None)
+        return self._admit(conn, info.source or conn.peer)
+
+    def proxy_header_failed(self, conn: ClientProtocol, reason: str) -> None:
+        self.awaiting_header.pop(conn, None)
+        self._refuse(conn, conn.peer, Refusal("proxy_bad_header", f"bad PROXY header: {reason}"))
+
+    def proxy_header_timed_out(self, conn: ClientProtocol) -> None:
+        self.awaiting_header.pop(conn, None)
+        self._refuse(conn, conn.peer, Refusal(
+            "proxy_timeout", f"no PROXY header within proxy_protocol.header_timeout ({self.header_timeout}s)"))
+
+    def close_idle(self, conn: ClientProtocol, silent: float) -> None:
+        self.stats["closed_idle"] += 1
+        peer = conn.info.peer
+        log.warning("closing %s:%s (connection %x): silent for %.1fs (limits.idle_timeout)",
+                    peer[0], peer[1], conn.conn_id, silent)
+        conn.close()
+
+    def close_slow_packet(self, conn: ClientProtocol, elapsed: float) -> None:
+        self.stats["closed_packet_timeout"] += 1
+        peer = conn.info.peer
+        log.warning("closing %s:%s (connection %x): packet incomplete after %.1fs (limits.packet_timeout)",
+                    peer[0], peer[1], conn.conn_id, elapsed)
+        conn.abort()
+
+    def opened(self, conn: ClientProtocol, peer: tuple[str, int]) -> None:
+        conn.conn_id = self.next_conn_id()
+        conn.info = ConnectionInfo(conn.conn_id, peer)
+        conn.quiet_since = self.loop.time()
+        if self.per_ip is not None:
+            self.per_ip[peer[0]] += 1
         self.stats["accepted"] += 1
         self.connections[conn.conn_id] = conn
         conn.worker = self.router.assign()
@@ -111,7 +191,17 @@ class ConnServer:
             link.send_event(records.OPENED, conn.conn_id, payload)
 
     def closed(self, conn: ClientProtocol) -> None:
+        if not conn.conn_id:  # closed before its PROXY header: never opened
+            self.awaiting_header.pop(conn, None)
+            return
         del self.connections[conn.conn_id]
+        if self.per_ip is not None:
+            host = conn.info.peer[0]
+            left = self.per_ip[host] - 1
+            if left > 0:
+                self.per_ip[host] = left
+            else:
+                del self.per_ip[host]
         for link in self.links:
             link.send_event(records.CLOSED, conn.conn_id, b"")
 
@@ -128,6 +218,26 @@ class ConnServer:
             return
         for worker, piece in pieces:
             self.links[worker].send_requests(conn, piece, count_packets(piece, self.codec))
+
+    def _forward_in_conn(self, conn: ClientProtocol, run: bytes | bytearray | memoryview, count: int) -> None:
+        """forward() when the service has in-conn handlers (see aserver.conn.in_conn)."""
+        if not conn.outstanding:
+            assert self.in_conn is not None
+            replies, pos, answered = self.in_conn.answer_leading(conn, run)
+            if answered:
+                self.stats["requests"] += answered
+                self.stats["answered_in_conn"] += answered
+                for reply in replies:
+                    if conn.queue_reply(reply):
+                        self._flush_pending.append(conn)
+                if replies and not self._flush_scheduled:
+                    self._flush_scheduled = True
+                    self.loop.call_soon(self._flush)
+                if pos == len(run):
+                    return
+                run = memoryview(run)[pos:]
+                count -= answered
+        ConnServer.forward(self, conn, run, count)
 
     def protocol_error(self, conn: ClientProtocol, reason: str) -> None:
         """Stop reading; close once the requests before the bad packet are answered."""
@@ -242,6 +352,11 @@ class ConnServer:
         """Stop accepting and reading; answer what was received; then close every client."""
         if self._server is not None:
             self._server.close()
+        self.sweeper.stop()
+        for conn in list(self.awaiting_header):
+            conn.closed = True
+            conn.abort()
+        self.awaiting_header.clear()
         for conn in list(self.connections.values()):
             conn.pause(PAUSED_FOR_STOP)
         deadline = self.loop.time() + timeout

@@ -7,6 +7,10 @@ process knows what is still in flight without a record of its own.
 
 import enum
 
+# A connection id carries the index of its conn process in its top byte, so a worker
+# knows which reply ring leads back to it.
+CONN_INDEX_SHIFT = 56
+
 KIND_MASK = 0xFF
 ACK_SHIFT = 8
 MAX_ACKS = (1 << 24) - 1

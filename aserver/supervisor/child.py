@@ -92,7 +92,8 @@ async def run_child(spec: ChildSpec, body: Callable[[ChildSpec, ChildControl], A
     """Prepare the process (title, logging, parent-death signal), then run `body`."""
     _die_with_parent()
     setproctitle.setproctitle(spec.title)
-    logs.setup(spec.settings.server.log_level, f"{spec.role} {spec.index}")
+    settings = spec.settings
+    logs.setup(settings.server.log_level, f"{spec.role} {spec.index}", settings.logging, settings.server.name)
     control = ChildControl(spec, asyncio.get_running_loop())
     await body(spec, control)
     control.channel.close()

@@ -65,6 +65,20 @@ class ControlChannel:
             self.close()
             self._on_closed()
             return
+        self._feed(data)
+
+    def drain(self) -> None:
+        """Deliver whatever the peer sent and we have not read yet (it may have exited)."""
+        while not self.closed:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
         self._buffer += data
         *lines, self._buffer = self._buffer.split(b"\n")
         for line in lines:

@@ -24,8 +24,11 @@ import aiomultiprocess
 import setproctitle
 import uvloop
 
+from aserver import logs
 from aserver.conn.process import conn_process
+from aserver.metrics import ChildCounters
 from aserver.settings import Settings, SettingsError, load, reload_merge
+from aserver.supervisor import systemd
 from aserver.supervisor.child import EXIT_STARTUP_FAILED
 from aserver.supervisor.control import ControlChannel, Message
 from aserver.supervisor.pidfile import AlreadyRunning, PidFile
@@ -141,6 +144,8 @@ class Supervisor:
         self._pid_file = PidFile(settings.supervisor.pid_file)
         self._status: StatusServer | None = None
         self._exit_hook = None
+        self.counters = ChildCounters()  # children's metrics snapshots (aserver/metrics.py)
+        self._metrics = None
 
     @property
     def children(self) -> list[Child]:
@@ -160,9 +165,13 @@ class Supervisor:
         try:
             self._exit_hook = load_exit_hook(settings.supervisor.on_child_exit)
             raise_open_files_limit(settings)
-            host, port = settings.bind_address
-            self.listener = bind_listener(host, port, settings.server.backlog)
+            self.listener = self._activated_listener()
+            if self.listener is None:
+                host, port = settings.bind_address
+                self.listener = bind_listener(host, port, settings.server.backlog)
             bound = self.listener.getsockname()
+            if settings.metrics.enabled:
+                await self._start_metrics()
             self.rings = RingSet(f"aserver-{os.getpid()}", self.conn_count, self.worker_count, settings.ring.size)
             # Workers first: a conn process must not accept before someone can answer.
             await self._start_all(self.workers)
@@ -173,15 +182,39 @@ class Supervisor:
             log.error("start-up failed: %s", exc)
             await self._shutdown()
             return 2
-        log.info(
-            "aserver ready: listening on %s:%d (%d conn process%s, %d workers, pid %d)",
-            bound[0], bound[1], self.conn_count, "" if self.conn_count == 1 else "es", self.worker_count, os.getpid(),
+        ready = (
+            f"aserver ready: listening on {bound[0]}:{bound[1]} ({self.conn_count} conn "
+            f"process{'' if self.conn_count == 1 else 'es'}, {self.worker_count} workers, pid {os.getpid()})"
         )
+        logs.announce(log, ready)  # also on stderr when logging to files: tests and scripts wait for it
+        systemd.notify("READY=1", f"STATUS=listening on {bound[0]}:{bound[1]}", f"MAINPID={os.getpid()}")
         heartbeat = asyncio.ensure_future(self._heartbeat())
         await self.stopping.wait()
         heartbeat.cancel()
         await self._shutdown()
         return self.exit_code
+
+    def _activated_listener(self) -> socket.socket | None:
+        try:
+            sock = systemd.activated_listener()
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"socket activation: {exc}") from None
+        if sock is not None:
+            if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                sock.listen(self.settings.server.backlog)
+            log.info("socket activation: using the listening socket passed as fd 3 (server.bind ignored)")
+        return sock
+
+    async def _start_metrics(self) -> None:
+        from aserver.supervisor.metrics import MetricsServer  # prometheus_client only when enabled
+
+        host, port = self.settings.metrics_address
+        self._metrics = MetricsServer(self, host, port)
+        try:
+            bound = await self._metrics.start()
+        except OSError as exc:
+            raise StartupError(f"metrics.bind: cannot listen on {host}:{port}: {exc.strerror}") from None
+        log.info("metrics: serving http://%s:%d/metrics", bound[0], bound[1])
 
     def _background(self, coro_fn, *args) -> None:
         task = asyncio.ensure_future(coro_fn(*args))
@@ -234,6 +267,8 @@ class Supervisor:
             answer.set_result(message)
         if event == "pong":
             child.last_pong = time.monotonic()
+        elif event == "metrics":
+            self.counters.update(child.pid, message)
         elif child.ready is not None and not child.ready.done():
             if event == "ready":
                 child.ready.set_result(None)
@@ -261,9 +296,12 @@ class Supervisor:
         process.aio_process.join(1)
         code = process.exitcode
         if child.process is not process:
+            self.counters.exited(process.pid)
             return
         if child.channel is not None:
+            child.channel.drain()  # its last words (final metrics) may be unread yet
             child.channel.close()
+        self.counters.exited(process.pid)
         if child.exited is not None and not child.exited.done():
             child.exited.set_result(code)
         self._call_exit_hook(child, process.pid, code)
@@ -358,6 +396,14 @@ class Supervisor:
     async def reload(self) -> None:
         if self.stopping.is_set() or self.settings_path is None:
             return
+        systemd.notify("RELOADING=1", systemd.monotonic_usec())
+        try:
+            await self._reload()
+        finally:
+            if not self.stopping.is_set():
+                systemd.notify("READY=1", "STATUS=reloaded")
+
+    async def _reload(self) -> None:
         log.info("SIGHUP: reloading %s", self.settings_path)
         try:
             new = load(self.settings_path, self.overrides)
@@ -444,8 +490,17 @@ class Supervisor:
 
     async def _shutdown(self) -> None:
         self.stopping.set()
+        systemd.notify("STOPPING=1")
         if self._status is not None:
             await self._status.close()
+        if self._metrics is not None:
+            await self._metrics.close()
+        # Our copy of the listening socket goes first: once the conn processes close
+        # theirs, new connections are refused at once (a load balancer then tries another
+        # server) instead of waiting in the accept queue until we exit.
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
         timeout = self.settings.server.stop_timeout
         # conn processes first (stop reading, answer what they hold, close), then workers.
         for group in (self.conns, self.workers):

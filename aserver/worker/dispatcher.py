@@ -11,22 +11,33 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from time import perf_counter
 
 import msgspec
 
 from aserver.app import App, BadRequest, Reply, Request, Status
 from aserver.ipc import records
 from aserver.ipc.channel import RingReceiver, RingSender
-from aserver.protocol import HEADER_SIZE, PacketCodec, iter_packets
+from aserver.ipc.records import CONN_INDEX_SHIFT
+from aserver.metrics import WorkerMetrics
+from aserver.protocol import HEADER_SIZE, PacketCodec
 from aserver.typed import BodyFormat, typed_handler
 from aserver.worker.connection import Connection
 
 log = logging.getLogger("aserver.worker")
 
-CONN_INDEX_SHIFT = 56
 
 _CONNECT = object()
 _DISCONNECT = object()
+
+
+def _as_reply(result: object) -> tuple[bytes | bytearray | memoryview, int]:
+    """A handler's result other than bytes or None, as (body, status)."""
+    if isinstance(result, Reply):
+        return result.body, result.status
+    if isinstance(result, (bytearray, memoryview)):
+        return result, 0
+    raise TypeError(f"handler returned {type(result).__name__}; expected bytes, Reply or None")
 
 
 class Dispatcher:
@@ -60,10 +71,13 @@ class Dispatcher:
         self._idle = asyncio.Event()
         self._idle.set()
         self.stats: Counter[str] = Counter()
+        self.max_reply = 0  # largest reply packet a ring record holds (set by attach)
+        self.metrics = WorkerMetrics()  # latency and replies by cmd_id, for the Prometheus endpoint
 
     def attach(self, senders: list[RingSender], receivers: list[RingReceiver]) -> None:
         self.senders = senders
         self.receivers = receivers
+        self.max_reply = min(sender.max_payload for sender in senders)
 
     def start(self) -> None:
         self._consumers = [asyncio.ensure_future(self._consume()) for _ in range(self.concurrency)]
@@ -93,7 +107,7 @@ class Dispatcher:
 
     def on_records(self, batch: list[tuple[int, int, bytes]]) -> None:
         connections = self.connections
-        codec = self.codec
+        unpack = self.codec.header.unpack_from
         ready = self._ready
         added = 0
         for kind, conn_id, payload in batch:
@@ -101,10 +115,15 @@ class Dispatcher:
             if kind == records.PACKETS:
                 if conn is None:
                     conn = self._adopt(conn_id, ("?", 0))
-                jobs = conn._jobs
-                before = len(jobs)
-                jobs.extend(iter_packets(payload, codec))
-                added += len(jobs) - before
+                # Requests become plain tuples: cheaper than an object per packet.
+                append = conn._jobs.append
+                pos = 0
+                size = len(payload)
+                while pos < size:
+                    length, seq, cmd, status, user = unpack(payload, pos)
+                    append((seq, cmd, status, user, payload[pos + HEADER_SIZE : pos + length]))
+                    pos += length
+                    added += 1
             elif kind == records.OPENED:
                 host, port = msgspec.msgpack.decode(payload)
                 conn = self._adopt(conn_id, (host, port))
@@ -152,31 +171,68 @@ class Dispatcher:
     # Running jobs -----------------------------------------------------------------------
 
     async def _consume(self) -> None:
+        """The request path, kept flat: no coroutine or object besides the handler's own
+        per request; the unusual cases are in the methods it calls."""
         ready = self._ready
+        handlers = self.handlers
+        fallback = self.app.fallback_handler
+        outbox = self._outbox
+        pack = self.codec.header.pack
+        metrics = self.metrics
         while True:
             conn = await ready.get()
             jobs = conn._jobs
+            conn_id = conn.id
             while jobs:
                 job = jobs.popleft()
-                if job is _CONNECT:
-                    await self._run_hooks(self.app.connect_hooks, conn, "on_connect")
-                elif job is _DISCONNECT:
-                    conn.closed = True
-                    await self._run_hooks(self.app.disconnect_hooks, conn, "on_disconnect")
-                    self.connections.pop(conn.id, None)
-                    self._outbox.pop(conn.id, None)
+                if type(job) is not tuple:
+                    await self._connection_event(conn, job)
+                    continue
+                seq, cmd, status, user, body = job
+                handler = handlers.get(cmd) or fallback
+                started = perf_counter()
+                if handler is None:
+                    result = self._unknown_command(conn, seq, cmd)
                 else:
                     try:
-                        await self._handle(conn, job)
-                    except Exception:  # a bug of ours: never let it kill this consumer
-                        log.exception("internal error on cmd_id %s from %r", job[1], conn)
-                    self._answered(conn.id)
-                    self.pending -= 1
-                    if self._intake_paused:
-                        self._maybe_resume_intake()
+                        result = await handler(Request(seq, cmd, status, user, body, conn))
+                        if type(result) is not bytes and result is not None:
+                            result = _as_reply(result)
+                    except Exception as exc:
+                        result = self._failed(conn, seq, cmd, handler, exc)
+                metrics.observe(cmd, perf_counter() - started)
+                box = outbox.get(conn_id)
+                if box is None:
+                    box = self._new_box(conn_id)
+                if result is not None and not conn.closed:
+                    if type(result) is bytes:
+                        status = 0
+                    else:
+                        result, status = result
+                    size = HEADER_SIZE + len(result)
+                    if size > self.max_reply:
+                        result, status = self._too_big(conn, seq, cmd, size)
+                        size = HEADER_SIZE
+                    box.append(pack(size, seq, cmd, status, user))
+                    box.append(result)
+                    box[0] += size
+                    metrics.reply(cmd, status)
+                box[1] += 1  # one more request finished: acked with the next record
+                self.pending -= 1
+                if self._intake_paused:
+                    self._maybe_resume_intake()
             conn._scheduled = False
             if not self.pending and ready.empty():
                 self._idle.set()
+
+    async def _connection_event(self, conn: Connection, job: object) -> None:
+        if job is _CONNECT:
+            await self._run_hooks(self.app.connect_hooks, conn, "on_connect")
+        else:
+            conn.closed = True
+            await self._run_hooks(self.app.disconnect_hooks, conn, "on_disconnect")
+            self.connections.pop(conn.id, None)
+            self._outbox.pop(conn.id, None)
 
     async def _run_hooks(self, hooks: list, conn: Connection, what: str) -> None:
         for hook in hooks:
@@ -185,41 +241,28 @@ class Dispatcher:
             except Exception:
                 log.exception("%s hook %s failed for %r", what, hook.__qualname__, conn)
 
-    async def _handle(self, conn: Connection, packet: tuple) -> None:
-        seq, cmd, status, user, body = packet
-        handler = self.handlers.get(cmd) or self.app.fallback_handler
-        if handler is None:
-            self.stats["unknown_command"] += 1
-            log.warning("unknown cmd_id %d from %s:%s (seq %d); replied UNKNOWN_COMMAND",
-                        cmd, conn.peer[0], conn.peer[1], seq)
-            self.send_packet(conn.id, seq, cmd, Status.UNKNOWN_COMMAND, user, b"")
-            return
-        try:
-            result = await handler(Request(seq, cmd, status, user, body, conn))
-            if result is None:
-                return
-            if isinstance(result, Reply):
-                body, status = result.body, result.status
-            elif isinstance(result, (bytes, bytearray, memoryview)):
-                body, status = result, 0
-            else:
-                raise TypeError(
-                    f"handler returned {type(result).__name__}; expected bytes, Reply or None"
-                )
-            if not conn.closed:
-                self.send_packet(conn.id, seq, cmd, status, user, body)
-        except BadRequest as exc:
+    def _unknown_command(self, conn: Connection, seq: int, cmd: int) -> tuple[bytes, int]:
+        self.stats["unknown_command"] += 1
+        log.warning("unknown cmd_id %d from %s:%s (seq %d); replied UNKNOWN_COMMAND",
+                    cmd, conn.peer[0], conn.peer[1], seq)
+        return b"", Status.UNKNOWN_COMMAND
+
+    def _failed(self, conn: Connection, seq: int, cmd: int, handler, exc: Exception) -> tuple[bytes, int]:
+        if isinstance(exc, BadRequest):
             self.stats["bad_requests"] += 1
             log.warning("bad request cmd_id %d seq %d from %s:%s: %s; replied BAD_REQUEST",
                         cmd, seq, conn.peer[0], conn.peer[1], exc)
-            if not conn.closed:
-                self.send_packet(conn.id, seq, cmd, Status.BAD_REQUEST, user, b"")
-        except Exception:
-            self.stats["handler_errors"] += 1
-            log.exception("handler %s failed on cmd_id %d seq %d from %s:%s; replied HANDLER_ERROR",
-                          handler.__qualname__, cmd, seq, conn.peer[0], conn.peer[1])
-            if not conn.closed:
-                self.send_packet(conn.id, seq, cmd, Status.HANDLER_ERROR, user, b"")
+            return b"", Status.BAD_REQUEST
+        self.stats["handler_errors"] += 1
+        log.error("handler %s failed on cmd_id %d seq %d from %s:%s; replied HANDLER_ERROR",
+                  handler.__qualname__, cmd, seq, conn.peer[0], conn.peer[1], exc_info=exc)
+        return b"", Status.HANDLER_ERROR
+
+    def _too_big(self, conn: Connection, seq: int, cmd: int, size: int) -> tuple[bytes, int]:
+        self.stats["handler_errors"] += 1
+        log.error("reply to cmd_id %d seq %d from %s:%s is %d bytes, more than a ring record holds (%d); "
+                  "replied HANDLER_ERROR", cmd, seq, conn.peer[0], conn.peer[1], size, self.max_reply)
+        return b"", Status.HANDLER_ERROR
 
     # Replies --------------------------------------------------------------------------
 
@@ -230,19 +273,13 @@ class Dispatcher:
         if size > sender.max_payload:
             raise ValueError(f"reply of {size} bytes is larger than a ring record ({sender.max_payload})")
         header = self.codec.header.pack(size, seq, cmd, status, user)
+        self.metrics.reply(cmd, status)
         box = self._outbox.get(conn_id)
         if box is None:
             box = self._new_box(conn_id)
         box[0] += size
         box.append(header)
         box.append(body)
-
-    def _answered(self, conn_id: int) -> None:
-        """Count a finished request; the count rides on the connection's next record."""
-        box = self._outbox.get(conn_id)
-        if box is None:
-            box = self._new_box(conn_id)
-        box[1] += 1
 
     def _new_box(self, conn_id: int) -> list:
         """[payload size, finished requests, header, body, header, body, ...]"""
@@ -261,8 +298,10 @@ class Dispatcher:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        outbox, self._outbox = self._outbox, {}
-        for conn_id, box in outbox.items():
+        # The same dict stays in place: the consumers hold a reference to it.
+        boxes = list(self._outbox.items())
+        self._outbox.clear()
+        for conn_id, box in boxes:
             self._write_box(conn_id, box)
 
     def _flush_one(self, conn_id: int) -> None:
@@ -276,7 +315,8 @@ class Dispatcher:
         sender = self.senders[conn_id >> CONN_INDEX_SHIFT]
         answered = box[1] << records.ACK_SHIFT
         if box[0] <= sender.max_payload:
-            self._send(conn_id, records.PACKETS | answered, box[2:])
+            # One joined chunk: a single copy into the ring beats one per header and body.
+            self._send(conn_id, records.PACKETS | answered, (b"".join(box[2:]),) if len(box) > 4 else box[2:])
             return
         limit = sender.max_payload
         chunks: list = []

@@ -55,6 +55,7 @@ async def _serve(spec: ChildSpec, control: ChildControl) -> None:
     )
     control.on("conn_gone", lambda m: {"event": "conn_reset", "closed": dispatcher.conn_gone(m["index"])})
     control.on("stats", lambda m: {"event": "stats", **dispatcher.snapshot()})
+    control.on("metrics", lambda m: {"event": "metrics", **dispatcher.metrics.snapshot()})
     attach = asyncio.Event()
     control.on("attach", lambda m: attach.set() or {"event": "attaching"})
     periodic: list[asyncio.Task] = []
@@ -88,6 +89,8 @@ async def _serve(spec: ChildSpec, control: ChildControl) -> None:
         receiver.close()
     for sender in dispatcher.senders:
         sender.close()
+    if settings.metrics.enabled:  # final counts, so a reload or stop loses none
+        control.report("metrics", **dispatcher.metrics.snapshot())
 
 
 async def _first(*aws) -> None:
