@@ -527,7 +527,8 @@ def main(argv: list[str] | None = None) -> int:
     paths = report.write(rep, out)
     print("\nresults: " + ", ".join(str(p) for p in paths))
     if errors := total_errors(rep):
-        print(f"\nFAILED: {errors} replies failed verification", file=sys.stderr)
+        print(f"\nFAILED: {errors} error(s): replies failing verification or missing, or runs that failed",
+              file=sys.stderr)
         for line in error_lines(rep):
             print(f"  {line}", file=sys.stderr)
         return 1

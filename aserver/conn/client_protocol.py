@@ -49,6 +49,7 @@ class ClientProtocol(asyncio.Protocol):
         self.conn_id = 0
         self.worker = 0
         self.closed = False
+        self.eof_sent = False  # stopping: write_eof() was called, nothing more may be written
         self.stage = FRAMING
         self.close_when_answered = False  # after a protocol error
         self.peer: tuple[str, int] = ("?", 0)  # the socket's peer (a proxy, with PROXY protocol)
@@ -163,8 +164,8 @@ class ClientProtocol(asyncio.Protocol):
             return
         self._replies = []
         transport = self.transport
-        if self.closed or transport is None or transport.is_closing():
-            return
+        if self.closed or self.eof_sent or transport is None or transport.is_closing():
+            return  # late replies (a stop that timed out) are dropped; the log says how many
         transport.writelines(replies) if len(replies) > 1 else transport.write(replies[0])
         backlog = transport.get_write_buffer_size()
         if backlog > self._server.max_reply_backlog:
@@ -199,6 +200,7 @@ class ClientProtocol(asyncio.Protocol):
         self.discarding = True
         self._paused = 0
         if self.transport.can_write_eof():
+            self.eof_sent = True
             self.transport.write_eof()
             self.transport.resume_reading()
         else:

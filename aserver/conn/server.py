@@ -80,6 +80,7 @@ class ConnServer:
         # server.max_connections is a total: each conn process takes an equal share.
         self.admission = Admission(settings.limits, settings.server.max_connections, settings.server.conn_processes)
         self.max_connections = self.admission.max_connections
+        self.backlog = settings.server.backlog
         # Open connections per client IP, kept only when limits.max_per_ip needs it.
         self.per_ip: Counter[str] | None = Counter() if settings.limits.max_per_ip else None
         proxy = settings.proxy_protocol
@@ -106,7 +107,9 @@ class ConnServer:
     async def start(self, sock: socket.socket) -> None:
         for link in self.links:
             link.receiver.start()
-        self._server = await self.loop.create_server(lambda: ClientProtocol(self), sock=sock)
+        # create_server listens again on the socket: keep the configured backlog (its
+        # default of 100 makes a burst of connects wait for SYN retries).
+        self._server = await self.loop.create_server(lambda: ClientProtocol(self), sock=sock, backlog=self.backlog)
         self.sweeper.start()
 
     def next_conn_id(self) -> int:
