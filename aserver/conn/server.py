@@ -285,10 +285,9 @@ class ConnServer:
                 conn.answered(worker, answered)
                 if conn.close_when_answered and not conn.outstanding:
                     conn.close()
-        if pending and not self._flush_scheduled:
-            # Flush after every ring had its turn this iteration: one write per connection.
-            self._flush_scheduled = True
-            self.loop.call_soon(self._flush)
+        # A drained batch holds everything the worker published: write it now, one
+        # write per connection, rather than one loop iteration later.
+        self._flush()
 
     def _flush(self) -> None:
         self._flush_scheduled = False

@@ -80,7 +80,7 @@ class RingSender:
         return False
 
     def flush(self) -> None:
-        """Publish now (used at shutdown)."""
+        """Publish now (the end of a batch, or shutdown)."""
         self._writer.publish()
 
     def close(self) -> None:
