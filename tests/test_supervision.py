@@ -222,3 +222,21 @@ async def test_reload_with_broken_code_keeps_the_old_workers(tmp_path: Path) -> 
         server.settings_path.write_text(settings)
         server.process.send_signal(signal.SIGHUP)
         await asyncio.to_thread(server.wait_for_log, r"reload refused.*workers.bogus: unknown key", 30)
+
+
+def test_sigterm_to_the_process_group_is_one_graceful_stop(tmp_path: Path) -> None:
+    """timeout(1) and `kill -TERM -PGID` signal the supervisor and its children at once:
+    that is one stop request, answered gracefully, not a "second signal"."""
+    settings_path = tmp_path / "settings.toml"
+    settings_path.write_text(f'[server]\nbind = "127.0.0.1:0"\n[supervisor]\npid_file = "{tmp_path}/g.pid"\n')
+    server = subprocess.Popen([sys.executable, "-m", "aserver", "--settings", str(settings_path)],
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log = []
+    for line in server.stderr:
+        log.append(line)
+        if "aserver ready" in line:
+            break
+    os.killpg(server.pid, signal.SIGTERM)
+    log += server.stderr.readlines()
+    assert server.wait(30) == 0, "".join(log)
+    assert "stopping at once" not in "".join(log)

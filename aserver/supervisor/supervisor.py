@@ -45,6 +45,7 @@ ASK_TIMEOUT = 10.0
 QUICK_DEATH = 10.0
 RESTART_BACKOFF_BASE = 0.1
 RESTART_BACKOFF_MAX = 5.0
+SECOND_SIGNAL_AFTER = 1.0  # seconds: an earlier repeat of a stop signal is ignored
 FILES_PER_PROCESS = 64  # descriptors a process needs besides its clients
 
 
@@ -137,6 +138,7 @@ class Supervisor:
         self.conns = [Child("conn", i) for i in range(self.conn_count)]
         self.workers = [Child("worker", i) for i in range(self.worker_count)]
         self.exit_code = 0
+        self._stop_signal_at = 0.0
         self.started_at = time.time()
         self._ids = itertools.count(1)
         self._topology = asyncio.Lock()  # one restart/reload at a time
@@ -479,13 +481,19 @@ class Supervisor:
     # Stopping --------------------------------------------------------------------------
 
     def _on_stop_signal(self, sig: int) -> None:
+        now = time.monotonic()
         if self.stopping.is_set():
+            # A signal to the process group (timeout(1), kill -TERM -PGID) also reaches
+            # us directly: a repeat within a second is the same request, not a second one.
+            if now - self._stop_signal_at < SECOND_SIGNAL_AFTER:
+                return
             log.warning("second %s: stopping at once", signal.Signals(sig).name)
             for child in self.children:
                 if child.alive:
                     child.process.kill()
             return
         log.info("%s received: stopping", signal.Signals(sig).name)
+        self._stop_signal_at = now
         self.stopping.set()
 
     async def _shutdown(self) -> None:
