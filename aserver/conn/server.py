@@ -166,19 +166,19 @@ class ConnServer:
         self._refuse(conn, conn.peer, Refusal(
             "proxy_timeout", f"no PROXY header within proxy_protocol.header_timeout ({self.header_timeout}s)"))
 
-    def close_idle(self, conn: ClientProtocol, silent: float) -> None:
-        self.stats["closed_idle"] += 1
+    def close_for(self, conn: ClientProtocol, stat: str, reason: str, abort: bool = False) -> None:
+        """Close an admitted connection for a reason: counted under `stat`, logged."""
+        self.stats[stat] += 1
         peer = conn.info.peer
-        log.warning("closing %s:%s (connection %x): silent for %.1fs (limits.idle_timeout)",
-                    peer[0], peer[1], conn.conn_id, silent)
-        conn.close()
+        log.warning("closing %s:%s (connection %x): %s", peer[0], peer[1], conn.conn_id, reason)
+        conn.abort() if abort else conn.close()
+
+    def close_idle(self, conn: ClientProtocol, silent: float) -> None:
+        self.close_for(conn, "closed_idle", f"silent for {silent:.1f}s (limits.idle_timeout)")
 
     def close_slow_packet(self, conn: ClientProtocol, elapsed: float) -> None:
-        self.stats["closed_packet_timeout"] += 1
-        peer = conn.info.peer
-        log.warning("closing %s:%s (connection %x): packet incomplete after %.1fs (limits.packet_timeout)",
-                    peer[0], peer[1], conn.conn_id, elapsed)
-        conn.abort()
+        self.close_for(conn, "closed_packet_timeout",
+                       f"packet incomplete after {elapsed:.1f}s (limits.packet_timeout)", abort=True)
 
     def opened(self, conn: ClientProtocol, peer: tuple[str, int]) -> None:
         conn.conn_id = self.next_conn_id()
@@ -255,13 +255,8 @@ class ConnServer:
             conn.close()
 
     def slow_reader(self, conn: ClientProtocol, backlog: int) -> None:
-        self.stats["slow_readers"] += 1
-        peer = conn.info.peer
-        log.warning(
-            "closing %s:%s (connection %x): %d bytes of replies unread, above server.max_reply_backlog",
-            peer[0], peer[1], conn.conn_id, backlog,
-        )
-        conn.abort()
+        self.close_for(conn, "slow_readers",
+                       f"{backlog} bytes of replies unread, above server.max_reply_backlog", abort=True)
 
     # Replies from workers --------------------------------------------------------------
 
