@@ -211,3 +211,14 @@ def admit(host: str, port: int) -> bool:
     if host == "127.0.0.5":
         raise RuntimeError("deliberate accept hook failure for a test")
     return host != "127.0.0.4"
+
+
+CANCELLED = 13
+
+
+@app.handler(CANCELLED)
+async def awaits_a_cancelled_future(request: Request) -> bytes:
+    """Awaits something another party cancelled: CancelledError reaches the handler."""
+    future = asyncio.get_running_loop().create_future()
+    future.cancel()
+    return await future

@@ -168,3 +168,11 @@ async def test_connections_are_spread_over_both_workers(server) -> None:
         async with await Client.connect(*server.address) as client:
             pids.add((await client.call(WHO, b"", timeout=5)).body.split()[0])
     assert len(pids) == 2
+
+
+async def test_handler_hit_by_a_foreign_cancellation_gets_an_error_reply(server) -> None:
+    async with await Client.connect(*server.address) as client:
+        for _ in range(300):  # more than the worker's consumer tasks: none may be lost
+            reply = await client.call(13, b"", timeout=5)
+            assert reply.status_code == Status.HANDLER_ERROR
+        assert (await client.call(ECHO, b"still served", timeout=5)).body == b"still served"

@@ -240,3 +240,28 @@ def test_sigterm_to_the_process_group_is_one_graceful_stop(tmp_path: Path) -> No
     log += server.stderr.readlines()
     assert server.wait(30) == 0, "".join(log)
     assert "stopping at once" not in "".join(log)
+
+
+async def test_a_worker_restarted_after_a_reload_serves() -> None:
+    with _probe_server() as server:
+        server.process.send_signal(signal.SIGHUP)
+        await asyncio.to_thread(server.wait_for_log, r"reload complete", 30)
+        os.kill(server.child_pids("worker")[0], signal.SIGKILL)
+        await asyncio.to_thread(server.wait_for_log, r"worker 0 is back", 30)
+        async with await Client.connect(*server.address) as client:
+            assert (await client.call(ECHO, b"after", timeout=5)).body == b"after"
+
+
+async def test_a_worker_killed_during_a_reload_leaves_one_consumer() -> None:
+    with _probe_server() as server:
+        old = server.child_pids("worker")[0]
+        server.process.send_signal(signal.SIGHUP)
+        await asyncio.sleep(0.05)
+        os.kill(old, signal.SIGKILL)
+        await asyncio.to_thread(server.wait_for_log, r"reload complete", 30)
+        await asyncio.sleep(0.5)
+        assert len(server.child_pids("worker")) == 1
+        load = Load(server.address, clients=4, depth=16).start()
+        await asyncio.sleep(1.0)
+        result = await load.stop()
+        assert result.wrong == [] and result.timeouts == 0 and result.ok > 100

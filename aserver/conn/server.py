@@ -323,7 +323,8 @@ class ConnServer:
         for conn, entries in replay:
             for entry in entries:
                 link.send_requests(conn, entry.run, entry.remaining)
-        link._on_room()  # connections paused on the old ring may read again
+        if not link.sender.backlogged:
+            link._on_room()  # paused on the old ring: read again (else when room appears)
         for conn in list(self.connections.values()):
             if conn.close_when_answered and not conn.outstanding:
                 conn.close()

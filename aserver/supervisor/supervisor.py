@@ -348,6 +348,9 @@ class Supervisor:
         log.error("%s (pid %s) %s after %.1fs; restarting%s", child.name, pid, how, lived,
                   f" in {delay:.1f}s" if delay else "")
         async with self._topology:
+            slots = self.workers if child.role == "worker" else self.conns
+            if child.retiring or slots[child.index] is not child:
+                return  # a reload retired or replaced it meanwhile: nothing to recover
             await self._hand_over(child)
             await asyncio.sleep(delay)
             if self.stopping.is_set():
@@ -358,7 +361,15 @@ class Supervisor:
             try:
                 await self._wait_ready([child])
             except StartupError as exc:
-                log.error("%s could not restart: %s", child.name, exc)  # the exit handler retries or gives up
+                log.error("%s could not restart: %s", child.name, exc)
+                if child.alive:
+                    # Never became ready: kill it; its exit (with `ready` settled) brings
+                    # us back here with the backoff and crash-loop accounting.
+                    if child.ready is not None and not child.ready.done():
+                        child.ready.cancel()
+                    child.process.kill()
+                else:
+                    self._background(self._recover, child, child.pid, child.process.exitcode)
                 return
             log.info("%s is back (pid %s)", child.name, child.pid)
 
@@ -438,6 +449,7 @@ class Supervisor:
                 child.restarts = old.restarts
                 child.last_pong = time.monotonic()  # heartbeats start now
                 self.workers[slot] = child
+                child.standby = False  # a later restart of this slot attaches at once
                 answer = await self.ask(child, "attach")
                 if answer is None and child.alive:
                     log.warning("worker %d did not confirm attaching", slot)

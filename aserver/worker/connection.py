@@ -15,7 +15,7 @@ class Connection:
     `state` is free for the service's per-connection data (kept in this worker).
     """
 
-    __slots__ = ("_dispatcher", "_jobs", "_scheduled", "closed", "id", "peer", "state")
+    __slots__ = ("_disconnect_queued", "_dispatcher", "_jobs", "_scheduled", "closed", "id", "peer", "state")
 
     def __init__(self, conn_id: int, peer: tuple[str, int], dispatcher: Dispatcher) -> None:
         self.id = conn_id
@@ -25,6 +25,7 @@ class Connection:
         self._dispatcher = dispatcher
         self._jobs: deque = deque()
         self._scheduled = False
+        self._disconnect_queued = False  # its on_disconnect job is queued (exactly once)
 
     def send(
         self,

@@ -100,9 +100,14 @@ class Dispatcher:
             task.cancel()
         await asyncio.gather(*self._consumers, return_exceptions=True)
         self._flush()
+        # Replies (and their acks) still queued for a full ring are the answers to
+        # requests that ran: wait for room rather than let them count as lost.
+        deadline = self.loop.time() + timeout
+        while any(sender.backlogged for sender in self.senders) and self.loop.time() < deadline:
+            await asyncio.sleep(0.01)
         for sender in self.senders:
             sender.flush()
-        return done
+        return done and not any(sender.backlogged for sender in self.senders)
 
     # Intake ---------------------------------------------------------------------------
 
@@ -130,8 +135,9 @@ class Dispatcher:
                 conn = self._adopt(conn_id, (host, port))
                 conn._jobs.append(_CONNECT)
             elif kind == records.CLOSED:
-                if conn is None:
+                if conn is None or conn._disconnect_queued:
                     continue
+                conn._disconnect_queued = True
                 conn._jobs.append(_DISCONNECT)
             else:
                 log.error("unknown record kind %d on request ring; ignored", kind)
@@ -204,6 +210,13 @@ class Dispatcher:
                             result = _as_reply(result)
                     except Exception as exc:
                         result = self._failed(conn, seq, cmd, handler, exc)
+                    except asyncio.CancelledError as exc:
+                        # A future the handler awaited was cancelled by someone else: that
+                        # is the handler's failure. Only our own cancellation stops us.
+                        task = asyncio.current_task()
+                        if task is not None and task.cancelling():
+                            raise
+                        result = self._failed(conn, seq, cmd, handler, exc)
                 now = perf_counter()
                 metrics.observe(cmd, now - started)
                 started = now
@@ -253,7 +266,7 @@ class Dispatcher:
                     cmd, conn.peer[0], conn.peer[1], seq)
         return b"", Status.UNKNOWN_COMMAND
 
-    def _failed(self, conn: Connection, seq: int, cmd: int, handler, exc: Exception) -> tuple[bytes, int]:
+    def _failed(self, conn: Connection, seq: int, cmd: int, handler, exc: BaseException) -> tuple[bytes, int]:
         if isinstance(exc, BadRequest):
             self.stats["bad_requests"] += 1
             log.warning("bad request cmd_id %d seq %d from %s:%s: %s; replied BAD_REQUEST",
@@ -353,8 +366,9 @@ class Dispatcher:
         gone = [conn for conn_id, conn in self.connections.items() if conn_id >> CONN_INDEX_SHIFT == index]
         for conn in gone:
             self._outbox.pop(conn.id, None)
-            if not conn.closed:
-                conn.closed = True
+            conn.closed = True
+            if not conn._disconnect_queued:  # exactly one on_disconnect per connection
+                conn._disconnect_queued = True
                 conn._jobs.append(_DISCONNECT)
                 if not conn._scheduled:
                     conn._scheduled = True
