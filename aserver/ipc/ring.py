@@ -142,7 +142,9 @@ class RingWriter(_RingSide):
         self._published = self._write
         self._read = self._words[_READ_POS]
         # Records ever written (continues across consumers: the consumer's records_read
-        # counts the same sequence).
+        # counts the same sequence). Read from two words that a live consumer publishes
+        # separately: only sound while no consumer is reading, which holds because a
+        # producer attaches only at start-up or after the consumer skipped everything.
         self.records_written = self._words[_RECORDS_READ] + count_records(
             self._buf, self.capacity, self._words[_READ_POS], self._write
         )
