@@ -265,3 +265,18 @@ async def test_a_worker_killed_during_a_reload_leaves_one_consumer() -> None:
         await asyncio.sleep(1.0)
         result = await load.stop()
         assert result.wrong == [] and result.timeouts == 0 and result.ok > 100
+
+
+async def test_restarts_survive_the_death_of_aiomultiprocess_manager() -> None:
+    with _probe_server() as server:
+        known = set(server.child_pids("worker").values()) | set(server.child_pids("conn").values())
+        # The other children: aiomultiprocess's manager and multiprocessing's resource tracker.
+        manager = [pid for pid in server.children() if pid not in known
+                   and b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(manager) == 1
+        os.kill(manager[0], signal.SIGKILL)
+        os.kill(server.child_pids("worker")[0], signal.SIGKILL)
+        await asyncio.to_thread(server.wait_for_log, r"worker 0 is back", 30)
+        assert "manager process is gone" in server.log_text()
+        async with await Client.connect(*server.address) as client:
+            assert (await client.call(ECHO, b"alive", timeout=5)).body == b"alive"

@@ -113,6 +113,16 @@ def raise_open_files_limit(settings: Settings) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
 
+def _ensure_manager() -> None:
+    """aiomultiprocess creates every Process's Namespace on one shared manager process;
+    if that process died, each later Process() would fail, and with it every restart."""
+    manager = aiomultiprocess.core._manager
+    process = getattr(manager, "_process", None)
+    if manager is not None and (process is None or not process.is_alive()):
+        log.warning("aiomultiprocess's manager process is gone; starting a new one")
+        aiomultiprocess.core._manager = None
+
+
 def load_exit_hook(spec: str):
     if not spec:
         return None
@@ -231,6 +241,7 @@ class Supervisor:
             rings, listener, target = self.rings.for_conn(child.index), self.listener, conn_process
         else:
             rings, listener, target = self.rings.for_worker(child.index), None, worker_process
+        _ensure_manager()
         ours, theirs = socket.socketpair()
         spec = ChildSpec(child.role, child.index, child.incarnation, self.settings, theirs, rings, listener,
                          child.standby)
