@@ -15,9 +15,6 @@ import msgspec
 
 from aserver.protocol import HEADER_SIZE, ByteOrder
 
-Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
-PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
-
 
 class SettingsError(Exception):
     """Bad settings; str() lists every problem found, one per line."""

@@ -71,11 +71,6 @@ def attach_segment(name: str) -> shared_memory.SharedMemory:
     return shared_memory.SharedMemory(name=name)
 
 
-def _nonblocking_pipe() -> tuple[int, int]:
-    read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    return read_fd, write_fd
-
-
 def _poke(fd: int) -> None:
     try:
         os.write(fd, b"\0")
