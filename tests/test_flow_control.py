@@ -66,3 +66,19 @@ async def test_client_that_never_reads_is_closed_with_a_log_line() -> None:
         assert "closing 127.0.0.1:" in line
         async with await Client.connect(*server.address) as bystander:
             assert (await bystander.call(ECHO, b"fine", timeout=5)).body == b"fine"
+
+
+async def test_per_packet_routing_full_rings_lose_nothing() -> None:
+    """With user_id routing one connection feeds both workers' rings; room on one ring
+    must not lose or reorder what waits for the other."""
+    settings = {
+        "server": {"max_packet_size": 8192},
+        "ring": {"size": 64 * 1024},
+        "workers": {"max_pending": 50, "concurrency": 4, "routing": "user_id"},
+    }
+    with ServerProcess(handlers=["probe_service"], workers=2, settings=settings, pythonpath=[TESTS_DIR]) as server:
+        async with await Client.connect(*server.address) as client:
+            requests = [(ECHO, os.urandom(1000), i) for i in range(4000)]
+            replies = await client.call_many(requests, timeout=60)
+        assert sorted((r.user_id, r.body) for r in replies) == sorted((u, b) for _, b, u in requests)
+        assert all(r.status_code == 0 for r in replies)

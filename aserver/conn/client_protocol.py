@@ -44,6 +44,7 @@ class ClientProtocol(asyncio.Protocol):
         self._server = server
         self._decoder = FrameDecoder(server.codec, server.max_packet_size)
         self._paused = 0
+        self.blocking_links = 0  # bit per worker whose full ring paused our reads
         self._replies: list[bytes] = []
         self.transport: asyncio.Transport | None = None
         self.conn_id = 0

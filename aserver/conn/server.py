@@ -50,13 +50,18 @@ class WorkerLink:
         conn.sent(self.index, sender.records_sent, count, run)
         if not sender.send(records.PACKETS, conn.conn_id, run) and not conn.closed:
             log.debug("ring to worker %d full: pausing connection %x", self.index, conn.conn_id)
+            conn.blocking_links |= 1 << self.index
             conn.pause(PAUSED_FOR_RING)
             self.blocked.add(conn)
 
     def _on_room(self) -> None:
+        """Resume the connections this ring blocked, unless another ring still does
+        (with per-packet routing one connection feeds several rings)."""
         blocked, self.blocked = self.blocked, set()
         for conn in blocked:
-            conn.resume(PAUSED_FOR_RING)
+            conn.blocking_links &= ~(1 << self.index)
+            if not conn.blocking_links:
+                conn.resume(PAUSED_FOR_RING)
 
     def _on_replies(self, batch: list[tuple[int, int, bytes]]) -> None:
         self._server.on_replies(self.index, batch)
