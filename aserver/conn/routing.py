@@ -43,27 +43,31 @@ class Router:
         self._next = (index + 1) % self.worker_count
         return index
 
-    def split(self, run: bytes | bytearray | memoryview, info: ConnectionInfo) -> list[tuple[int, memoryview]]:
-        """Cut a run into consecutive pieces, each for one worker, keeping packet order."""
+    def split(
+        self, run: bytes | bytearray | memoryview, info: ConnectionInfo
+    ) -> list[tuple[int, memoryview, int]]:
+        """Cut a run into consecutive pieces, each for one worker, keeping packet order:
+        (worker, piece, packets in it)."""
         assert self._hook is not None
         unpack = self._codec.header.unpack_from
         view = memoryview(run)
-        count = self.worker_count
-        pieces: list[tuple[int, memoryview]] = []
-        start = pos = 0
+        workers = self.worker_count
+        pieces: list[tuple[int, memoryview, int]] = []
+        start = pos = packets = 0
         current = -1
         size = len(run)
         while pos < size:
             header = Header._make(unpack(run, pos))
-            target = self._hook(header, info, count)
-            if not isinstance(target, int) or not 0 <= target < count:
-                raise ValueError(f"routing hook returned {target!r}, not a worker index below {count}")
+            target = self._hook(header, info, workers)
+            if not isinstance(target, int) or not 0 <= target < workers:
+                raise ValueError(f"routing hook returned {target!r}, not a worker index below {workers}")
             if target != current and pos > start:
-                pieces.append((current, view[start:pos]))
-                start = pos
+                pieces.append((current, view[start:pos], packets))
+                start, packets = pos, 0
             current = target
             pos += header.pkg_len
-        pieces.append((current, view[start:pos]))
+            packets += 1
+        pieces.append((current, view[start:pos], packets))
         return pieces
 
 

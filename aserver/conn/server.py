@@ -224,8 +224,8 @@ class ConnServer:
             log.exception("routing hook failed; closing connection %x", conn.conn_id)
             conn.abort()
             return
-        for worker, piece in pieces:
-            self.links[worker].send_requests(conn, piece, count_packets(piece, self.codec))
+        for worker, piece, packets in pieces:
+            self.links[worker].send_requests(conn, piece, packets)
 
     def _forward_in_conn(self, conn: ClientProtocol, run: bytes | bytearray | memoryview, count: int) -> None:
         """forward() when the service has in-conn handlers (see aserver.conn.in_conn)."""
