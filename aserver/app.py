@@ -72,28 +72,16 @@ class Request:
 
 
 HandlerResult = bytes | bytearray | memoryview | Reply | None
-Handler = Callable[[Request], Awaitable[HandlerResult]]
+# A handler is `async def`, or a plain `def` that the worker runs inline (see App.handler).
+Handler = Callable[[Request], Awaitable[HandlerResult] | HandlerResult]
 ConnectionHook = Callable[["Connection"], Awaitable[None]]
 Hook = Callable[[], Awaitable[None]]
-F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+F = TypeVar("F", bound=Callable[..., Any])
 # A handler run in the conn process (in_conn=True): sync, on the conn's hot path.
 ConnHandler = Callable[[Request], HandlerResult]
 
 
-def _worker_side(fn: ConnHandler) -> Handler:
-    """The async form of an in-conn handler, for the worker (see aserver.conn.in_conn)."""
-    import functools
-
-    @functools.wraps(fn)
-    async def run(request: Request) -> HandlerResult:
-        return fn(request)
-
-    return run
-
-
 def _require_async(fn: Callable, what: str) -> None:
-    import inspect
-
     if not inspect.iscoroutinefunction(fn):
         raise TypeError(f"{what} {getattr(fn, '__qualname__', fn)!r} must be an async function")
 
@@ -104,8 +92,12 @@ class App:
         app = App()
 
         @app.handler(1)
-        async def echo(request: Request) -> bytes:
+        def echo(request: Request) -> bytes:
             return request.body
+
+        @app.handler(2)
+        async def lookup(request: Request) -> bytes:
+            return await store.get(request.body)
     """
 
     def __init__(self, name: str = "") -> None:
@@ -127,9 +119,16 @@ class App:
     def handler(
         self, cmd_id: int, *, request: Any = None, reply: Any = None, in_conn: bool = False
     ) -> Callable[[F], F]:
-        """Register an async handler for `cmd_id`. With `request` (a msgspec Struct
-        type) the body is decoded into `request.message`; with `reply` the handler may
-        return that Struct. The wire format is the setting workers.body_format.
+        """Register the handler for `cmd_id`.
+
+        An `async def` handler runs in one of the worker's consumer tasks and may await.
+        A plain `def` handler runs inline as its request arrives, with no task switch:
+        the fastest path, for handlers that never wait (in-memory state, computation);
+        while one runs, nothing else in that worker does.
+
+        With `request` (a msgspec Struct type) the body is decoded into
+        `request.message`; with `reply` the handler may return that Struct. The wire
+        format is the setting workers.body_format.
         With `in_conn=True` the handler is a fast *sync* function the conn process runs
         itself when reply order allows (else a worker runs it); there
         `request.connection` has only `id` and `peer`."""
@@ -145,9 +144,8 @@ class App:
                 if cmd_id in self.handlers:
                     raise ValueError(f"cmd_id {cmd_id} already has a handler: {self.handlers[cmd_id].__qualname__}")
                 self.conn_handlers[cmd_id] = fn
-                self.handlers[cmd_id] = _worker_side(fn)
+                self.handlers[cmd_id] = fn
                 return fn
-            _require_async(fn, f"handler for cmd_id {cmd_id}")
             if cmd_id in self.handlers:
                 raise ValueError(f"cmd_id {cmd_id} already has a handler: {self.handlers[cmd_id].__qualname__}")
             self.handlers[cmd_id] = fn
@@ -158,8 +156,8 @@ class App:
         return register
 
     def fallback(self, fn: F) -> F:
-        """Handle every cmd_id that has no handler of its own (a proxy, say)."""
-        _require_async(fn, "fallback handler")
+        """Handle every cmd_id that has no handler of its own (a proxy, say); sync or
+        async, like a handler."""
         if self.fallback_handler is not None:
             raise ValueError(f"a fallback handler is already set: {self.fallback_handler.__qualname__}")
         self.fallback_handler = fn

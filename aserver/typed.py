@@ -1,7 +1,7 @@
 """Typed message bodies: msgspec Structs in, Structs out, for handlers that ask for it.
 
     @app.handler(10, request=Login, reply=Welcome)
-    async def login(request: Request) -> Welcome:
+    def login(request: Request) -> Welcome:
         return Welcome(name=request.message.name)
 
 The body format (MessagePack or JSON) is a setting (`workers.body_format`), the same for
@@ -10,6 +10,7 @@ every handler of a server; the client's typed call takes the same format.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -28,17 +29,20 @@ def codecs(fmt: BodyFormat, message_type: Any) -> tuple[Callable[[bytes], Any], 
 
 
 def typed_handler(fn: Handler, request_type: Any, reply_type: Any, fmt: BodyFormat) -> Handler:
-    """Wrap `fn` so it sees `request.message` decoded and may return a Struct."""
+    """Wrap `fn` so it sees `request.message` decoded and may return a Struct. The
+    wrapper is async or sync as `fn` is, so a sync handler still runs inline."""
     decode = codecs(fmt, request_type)[0] if request_type is not None else None
     encode = codecs(fmt, reply_type if reply_type is not None else Any)[1]
 
-    async def run(request: Request):
+    def decoded(request: Request) -> Request:
         if decode is not None:
             try:
                 request.message = decode(request.body)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 raise BadRequest(f"body is not a valid {request_type.__name__}: {exc}") from None
-        result = await fn(request)
+        return request
+
+    def encoded(result: Any) -> Any:
         if result is None or isinstance(result, (bytes, bytearray, memoryview)):
             return result
         if isinstance(result, Reply):
@@ -47,6 +51,13 @@ def typed_handler(fn: Handler, request_type: Any, reply_type: Any, fmt: BodyForm
                 return result
             return Reply(encode(body), result.status)
         return encode(result)
+
+    if inspect.iscoroutinefunction(fn):
+        async def run(request: Request) -> Any:
+            return encoded(await fn(decoded(request)))
+    else:
+        def run(request: Request) -> Any:
+            return encoded(fn(decoded(request)))
 
     run.__qualname__ = fn.__qualname__
     return run

@@ -26,11 +26,11 @@ def burn(iterations: int = WORK_ITERATIONS) -> int:
 
 
 @app.handler(ECHO)
-async def echo(request: Request) -> bytes:
+def echo(request: Request) -> bytes:
     return request.body
 
 
 @app.handler(ECHO_AFTER_WORK)
-async def echo_after_work(request: Request) -> bytes:
+def echo_after_work(request: Request) -> bytes:
     burn()
     return request.body

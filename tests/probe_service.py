@@ -35,12 +35,12 @@ async def disconnected(conn: Connection) -> None:
 
 
 @app.handler(ECHO)
-async def echo(request: Request) -> bytes:
+def echo(request: Request) -> bytes:
     return request.body
 
 
 @app.handler(FAIL)
-async def fail(request: Request) -> bytes:
+def fail(request: Request) -> bytes:
     raise RuntimeError("deliberate failure for a test")
 
 
@@ -51,7 +51,7 @@ async def slow_echo(request: Request) -> bytes:
 
 
 @app.handler(CLOSE_ME)
-async def close_me(request: Request) -> bytes:
+def close_me(request: Request) -> bytes:
     request.connection.close()
     return b"never delivered"
 
@@ -78,12 +78,17 @@ async def who(request: Request) -> bytes:
 
 
 @app.handler(BAD_RETURN)
-async def bad_return(request: Request) -> int:
+def bad_return(request: Request) -> int:
     return 42
 
 
+# A plain function that returns a coroutine: registered as a sync handler by mistake.
+HIDDEN_ASYNC = 14
+app.handler(HIDDEN_ASYNC)(lambda request: slow_echo(request))
+
+
 @app.handler(STATUS)
-async def status(request: Request) -> Reply:
+def status(request: Request) -> Reply:
     return Reply(b"custom", status=1234)
 
 
@@ -169,7 +174,7 @@ LOGIN, LOGIN_REJECT = 20, 21
 
 
 @app.handler(LOGIN, request=Login, reply=Welcome)
-async def login(request: Request) -> Welcome:
+def login(request: Request) -> Welcome:
     return Welcome(greeting=f"hello {request.message.name}", level=request.message.level + 1)
 
 

@@ -13,7 +13,7 @@ from aserver.client import Client
 from aserver.protocol import HEADER_SIZE, PacketCodec
 
 from conftest import MAX_PACKET
-from probe_service import BAD_RETURN, CLOSE_ME, ECHO, FAIL, SLOW_ECHO, STATUS, TRIPLE, WHO
+from probe_service import BAD_RETURN, CLOSE_ME, ECHO, FAIL, HIDDEN_ASYNC, SLOW_ECHO, STATUS, TRIPLE, WHO
 
 codec = PacketCodec()
 
@@ -103,10 +103,13 @@ async def test_handler_exception_gets_error_reply_and_worker_lives(server) -> No
             assert reply.status_code == Status.HANDLER_ERROR
         bad = await client.call(BAD_RETURN, b"", timeout=5)
         assert bad.status_code == Status.HANDLER_ERROR
+        hidden = await client.call(HIDDEN_ASYNC, b"", timeout=5)
+        assert hidden.status_code == Status.HANDLER_ERROR
         assert (await client.call(ECHO, b"alive", timeout=5)).body == b"alive"
     line = server.wait_for_log(r"handler fail failed on cmd_id 3")
     assert "HANDLER_ERROR" in line
     server.wait_for_log(r"RuntimeError: deliberate failure for a test")
+    server.wait_for_log(r"handler returned a coroutine: declare it `async def`")
 
 
 async def test_reply_object_sets_status(server) -> None:
@@ -151,15 +154,20 @@ async def test_two_workers_200_clients_in_order(server) -> None:
 
 
 async def test_replies_arrive_in_request_order_on_a_connection(server) -> None:
-    """Pipelined requests are answered in order even when the first is the slowest."""
+    """Pipelined requests are answered in order even when the first is the slowest:
+    ECHO (a sync handler, normally run inline) waits behind SLOW_ECHO (async), whether
+    it arrives in the same read or while SLOW_ECHO runs."""
     async with await Client.connect(*server.address) as client:
         client.send_raw(
             codec.encode(SLOW_ECHO, b"0200", seq_num=1)
             + codec.encode(ECHO, b"fast", seq_num=2)
             + codec.encode(SLOW_ECHO, b"0010", seq_num=3)
         )
-        received = [await client.receive(timeout=5) for _ in range(3)]
-    assert [p.seq_num for p in received] == [1, 2, 3]
+        await asyncio.sleep(0.05)
+        client.send_raw(codec.encode(ECHO, b"later", seq_num=4) + codec.encode(ECHO, b"x", seq_num=5))
+        received = [await client.receive(timeout=5) for _ in range(5)]
+    assert [p.seq_num for p in received] == [1, 2, 3, 4, 5]
+    assert [p.body for p in received] == [b"0200", b"fast", b"0010", b"later", b"x"]
 
 
 async def test_connections_are_spread_over_both_workers(server) -> None:

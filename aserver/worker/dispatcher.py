@@ -1,14 +1,18 @@
 """Runs requests through handlers: per-connection order, concurrency across connections.
 
-Each connection has a job queue (its connect hook, its requests, its disconnect hook, in
-arrival order). A fixed pool of long-lived consumer tasks takes connections that have
-work and runs their jobs one after another, so replies on a connection keep request order
-while a slow handler holds up only its own connection. No task is created per request.
+Sync (`def`) handlers run inline, as their ring record is read, when their connection
+has nothing queued or running: no task switch, the replies go out at the end of the
+batch. Everything else goes to the connection's job queue (its connect hook, its
+requests, its disconnect hook, in arrival order). A fixed pool of long-lived consumer
+tasks takes connections that have work and runs their jobs one after another, so replies
+on a connection keep request order while a slow handler holds up only its own
+connection. No task is created per request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections import Counter
 from time import perf_counter
@@ -38,6 +42,10 @@ def _as_reply(result: object) -> tuple[bytes | bytearray | memoryview, int]:
         return result.body, result.status
     if isinstance(result, (bytearray, memoryview)):
         return result, 0
+    if inspect.iscoroutine(result):
+        # A plain function that returns a coroutine was taken for a sync handler.
+        result.close()
+        raise TypeError("handler returned a coroutine: declare it `async def` so the worker awaits it")
     raise TypeError(f"handler returned {type(result).__name__}; expected bytes, Reply or None")
 
 
@@ -50,13 +58,21 @@ class Dispatcher:
         concurrency: int,
         max_pending: int,
         body_format: BodyFormat = "msgpack",
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.app = app
         self.handlers = {
             cmd: typed_handler(fn, *app.message_types[cmd], body_format) if cmd in app.message_types else fn
             for cmd, fn in app.handlers.items()
         }
+        # cmd -> the handler if it may run inline (sync), None if it is async
+        self.inline_handlers = {
+            cmd: None if inspect.iscoroutinefunction(fn) else fn for cmd, fn in self.handlers.items()
+        }
+        fallback = app.fallback_handler
+        self.inline_fallback = None if fallback is None or inspect.iscoroutinefunction(fallback) else fallback
         self.codec = codec
+        self._pack = codec.header.pack
         self.loop = loop
         self.concurrency = concurrency
         self.max_pending = max_pending
@@ -73,7 +89,9 @@ class Dispatcher:
         self._idle.set()
         self.stats: Counter[str] = Counter()
         self.max_reply = 0  # largest reply packet a ring record holds (set by attach)
-        self.metrics = WorkerMetrics()  # latency and replies by cmd_id, for the Prometheus endpoint
+        # Latency and replies by cmd_id for the Prometheus endpoint; None when metrics are
+        # off, and then the request path reads no clock.
+        self.metrics = metrics
 
     def attach(self, senders: list[RingSender], receivers: list[RingReceiver]) -> None:
         self.senders = senders
@@ -116,15 +134,21 @@ class Dispatcher:
         unpack = self.codec.header.unpack_from
         ready = self._ready
         added = 0
+        answered = 0
         for kind, conn_id, payload in batch:
             conn = connections.get(conn_id)
             if kind == records.PACKETS:
                 if conn is None:
                     conn = self._adopt(conn_id, ("?", 0))
+                pos = 0
+                if not (conn._scheduled or conn._jobs):
+                    pos = self._run_inline(conn, payload)
+                    answered += 1
+                size = len(payload)
+                if pos == size:
+                    continue
                 # Requests become plain tuples: cheaper than an object per packet.
                 append = conn._jobs.append
-                pos = 0
-                size = len(payload)
                 while pos < size:
                     length, seq, cmd, status, user = unpack(payload, pos)
                     append((seq, cmd, status, user, payload[pos + HEADER_SIZE : pos + length]))
@@ -145,12 +169,47 @@ class Dispatcher:
             if not conn._scheduled:
                 conn._scheduled = True
                 ready.put_nowait(conn)
+        if answered:
+            self._flush()  # the end of the batch: the inline replies go out now
         if added:
             self.pending += added
             self.stats["requests"] += added
             self._idle.clear()
             if self.pending >= self.max_pending:
                 self._pause_intake()
+
+    def _run_inline(self, conn: Connection, payload: bytes) -> int:
+        """Run the record's requests with sync handlers, in order, until one needs a
+        consumer task (async handler, or none at all). Returns where that one starts."""
+        unpack = self.codec.header.unpack_from
+        inline = self.inline_handlers
+        fallback = self.inline_fallback
+        metrics = self.metrics
+        answer = self._answer
+        pos = 0
+        size = len(payload)
+        count = 0
+        started = perf_counter() if metrics is not None else 0.0
+        while pos < size:
+            length, seq, cmd, status, user = unpack(payload, pos)
+            handler = inline.get(cmd, fallback)
+            if handler is None:
+                break
+            try:
+                result = handler(Request(seq, cmd, status, user, payload[pos + HEADER_SIZE : pos + length], conn))
+                if type(result) is not bytes and result is not None:
+                    result = _as_reply(result)
+            except Exception as exc:
+                result = self._failed(conn, seq, cmd, handler, exc)
+            if metrics is not None:
+                now = perf_counter()
+                metrics.observe(cmd, now - started)
+                started = now
+            answer(conn, seq, cmd, user, result)
+            pos += length
+            count += 1
+        self.stats["requests"] += count
+        return pos
 
     def _adopt(self, conn_id: int, peer: tuple[str, int]) -> Connection:
         conn = self.connections.get(conn_id)
@@ -183,21 +242,19 @@ class Dispatcher:
         ready = self._ready
         handlers = self.handlers
         fallback = self.app.fallback_handler
-        outbox = self._outbox
-        pack = self.codec.header.pack
         metrics = self.metrics
+        answer = self._answer
         while True:
             conn = await ready.get()
             jobs = conn._jobs
-            conn_id = conn.id
             # One clock read per request: each request's time runs from the end of the
             # previous one (the bookkeeping between them is included, and tiny).
-            started = perf_counter()
+            started = perf_counter() if metrics is not None else 0.0
             while jobs:
                 job = jobs.popleft()
                 if type(job) is not tuple:
                     await self._connection_event(conn, job)
-                    started = perf_counter()
+                    started = perf_counter() if metrics is not None else 0.0
                     continue
                 seq, cmd, status, user, body = job
                 handler = handlers.get(cmd) or fallback
@@ -205,9 +262,14 @@ class Dispatcher:
                     result = self._unknown_command(conn, seq, cmd)
                 else:
                     try:
-                        result = await handler(Request(seq, cmd, status, user, body, conn))
+                        result = handler(Request(seq, cmd, status, user, body, conn))
                         if type(result) is not bytes and result is not None:
-                            result = _as_reply(result)
+                            if inspect.isawaitable(result):
+                                result = await result
+                                if type(result) is not bytes and result is not None:
+                                    result = _as_reply(result)
+                            else:
+                                result = _as_reply(result)
                     except Exception as exc:
                         result = self._failed(conn, seq, cmd, handler, exc)
                     except asyncio.CancelledError as exc:
@@ -217,32 +279,40 @@ class Dispatcher:
                         if task is not None and task.cancelling():
                             raise
                         result = self._failed(conn, seq, cmd, handler, exc)
-                now = perf_counter()
-                metrics.observe(cmd, now - started)
-                started = now
-                box = outbox.get(conn_id)
-                if box is None:
-                    box = self._new_box(conn_id)
-                if result is not None and not conn.closed:
-                    if type(result) is bytes:
-                        status = 0
-                    else:
-                        result, status = result
-                    size = HEADER_SIZE + len(result)
-                    if size > self.max_reply:
-                        result, status = self._too_big(conn, seq, cmd, size)
-                        size = HEADER_SIZE
-                    box.append(pack(size, seq, cmd, status, user))
-                    box.append(result)
-                    box[0] += size
-                    metrics.reply(cmd, status)
-                box[1] += 1  # one more request finished: acked with the next record
+                if metrics is not None:
+                    now = perf_counter()
+                    metrics.observe(cmd, now - started)
+                    started = now
+                answer(conn, seq, cmd, user, result)
                 self.pending -= 1
                 if self._intake_paused:
                     self._maybe_resume_intake()
             conn._scheduled = False
             if not self.pending and ready.empty():
                 self._idle.set()
+
+    def _answer(self, conn: Connection, seq: int, cmd: int, user: int, result: bytes | tuple | None) -> None:
+        """Queue the reply (if any) and count the request as finished: acked with the
+        connection's next ring record."""
+        conn_id = conn.id
+        box = self._outbox.get(conn_id)
+        if box is None:
+            box = self._new_box(conn_id)
+        if result is not None and not conn.closed:
+            if type(result) is bytes:
+                status = 0
+            else:
+                result, status = result
+            size = HEADER_SIZE + len(result)
+            if size > self.max_reply:
+                result, status = self._too_big(conn, seq, cmd, size)
+                size = HEADER_SIZE
+            box.append(self._pack(size, seq, cmd, status, user))
+            box.append(result)
+            box[0] += size
+            if self.metrics is not None:
+                self.metrics.reply(cmd, status)
+        box[1] += 1
 
     async def _connection_event(self, conn: Connection, job: object) -> None:
         if job is _CONNECT:
@@ -292,7 +362,8 @@ class Dispatcher:
         if size > sender.max_payload:
             raise ValueError(f"reply of {size} bytes is larger than a ring record ({sender.max_payload})")
         header = self.codec.header.pack(size, seq, cmd, status, user)
-        self.metrics.reply(cmd, status)
+        if self.metrics is not None:
+            self.metrics.reply(cmd, status)
         box = self._outbox.get(conn_id)
         if box is None:
             box = self._new_box(conn_id)

@@ -8,6 +8,7 @@ import logging
 
 from aserver.app import App
 from aserver.ipc.channel import RingReceiver, RingSender
+from aserver.metrics import WorkerMetrics
 from aserver.protocol import PacketCodec
 from aserver.supervisor.child import ChildControl, open_consumer, open_producer, run_child, startup_failed
 from aserver.supervisor.spec import ChildSpec
@@ -52,10 +53,13 @@ async def _serve(spec: ChildSpec, control: ChildControl) -> None:
         settings.workers.concurrency,
         settings.workers.max_pending,
         settings.workers.body_format,
+        WorkerMetrics() if settings.metrics.enabled else None,
     )
     control.on("conn_gone", lambda m: {"event": "conn_reset", "closed": dispatcher.conn_gone(m["index"])})
     control.on("stats", lambda m: {"event": "stats", **dispatcher.snapshot()})
-    control.on("metrics", lambda m: {"event": "metrics", **dispatcher.metrics.snapshot()})
+    if dispatcher.metrics is not None:
+        metrics = dispatcher.metrics
+        control.on("metrics", lambda m: {"event": "metrics", **metrics.snapshot()})
     attach = asyncio.Event()
     control.on("attach", lambda m: attach.set() or {"event": "attaching"})
     periodic: list[asyncio.Task] = []
@@ -89,7 +93,7 @@ async def _serve(spec: ChildSpec, control: ChildControl) -> None:
         receiver.close()
     for sender in dispatcher.senders:
         sender.close()
-    if settings.metrics.enabled:  # final counts, so a reload or stop loses none
+    if dispatcher.metrics is not None:  # final counts, so a reload or stop loses none
         control.report("metrics", **dispatcher.metrics.snapshot())
 
 
