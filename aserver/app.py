@@ -7,6 +7,8 @@ import inspect
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
+import msgspec
+
 if TYPE_CHECKING:
     from aserver.worker.connection import Connection
 
@@ -37,27 +39,17 @@ class BadRequest(Exception):
     gets status BAD_REQUEST and the reason goes to the log, without a traceback."""
 
 
-class Request:
-    """One request packet, as a handler sees it."""
+class Request(msgspec.Struct):
+    """One request packet, as a handler sees it. A msgspec Struct because one is built
+    per request: that costs a quarter of a Python class's `__init__`."""
 
-    __slots__ = ("body", "cmd_id", "connection", "message", "seq_num", "status_code", "user_id")
-
-    def __init__(
-        self,
-        seq_num: int,
-        cmd_id: int,
-        status_code: int,
-        user_id: int,
-        body: bytes,
-        connection: Connection,
-    ) -> None:
-        self.seq_num = seq_num
-        self.cmd_id = cmd_id
-        self.status_code = status_code
-        self.user_id = user_id
-        self.body = body
-        self.connection = connection
-        self.message: Any = None  # the decoded body, for typed handlers
+    seq_num: int
+    cmd_id: int
+    status_code: int
+    user_id: int
+    body: bytes
+    connection: Connection
+    message: Any = None  # the decoded body, for typed handlers
 
     @property
     def peer(self) -> tuple[str, int]:
