@@ -36,7 +36,7 @@ class RingSender:
         self._writer = writer
         self._loop = loop
         self._on_room = on_room
-        self._overflow: deque[tuple[int, int, tuple]] = deque()
+        self._overflow: deque[tuple[int, int, bytes | bytearray | memoryview]] = deque()
         self._publish_scheduled = False
         self._waiting = False
         self._poll: asyncio.TimerHandle | None = None
@@ -65,16 +65,16 @@ class RingSender:
         self._stop_waiting()
         self._writer.discard_unread()
 
-    def send(self, kind: int, conn_id: int, *chunks: bytes | bytearray | memoryview) -> bool:
+    def send(self, kind: int, conn_id: int, payload: bytes | bytearray | memoryview) -> bool:
         writer = self._writer
-        if not self._overflow and writer.try_write(kind, conn_id, *chunks):
+        if not self._overflow and writer.try_write(kind, conn_id, payload):
             if writer.unpublished >= EARLY_PUBLISH_BYTES:
                 writer.publish()
             elif not self._publish_scheduled:
                 self._publish_scheduled = True
                 self._loop.call_soon(self._publish)
             return True
-        self._overflow.append((kind, conn_id, chunks))
+        self._overflow.append((kind, conn_id, payload))
         if not self._waiting:
             self._start_waiting()
         return False
@@ -124,8 +124,8 @@ class RingSender:
         writer = self._writer
         overflow = self._overflow
         while overflow:
-            kind, conn_id, chunks = overflow[0]
-            if not writer.try_write(kind, conn_id, *chunks):
+            kind, conn_id, payload = overflow[0]
+            if not writer.try_write(kind, conn_id, payload):
                 writer.publish()
                 if writer.wait_for_space():
                     self._loop.call_soon(self._retry)

@@ -21,7 +21,10 @@ Wakeups: the producer writes a byte to the data pipe only when the consumer has 
 asleep; the consumer writes to the space pipe only when the producer has said it waits.
 Each side stores its flag, fences, then re-reads the other side's position, so a wakeup
 cannot be lost between the check and the wait (x86 may reorder a store with a later load;
-a lock round trip is a full fence). Both sides also poll on a slow timer as a safety net.
+a lock round trip is a full fence). The side that sends the byte clears the flag first, so
+a sleeper gets one byte however often the other side publishes before it runs again (a
+stale clear is always followed by its byte, so it cannot lose a wakeup either). Both
+sides also poll on a slow timer as a safety net.
 """
 
 from __future__ import annotations
@@ -108,6 +111,9 @@ class _RingSide:
     def __init__(self, shm: shared_memory.SharedMemory) -> None:
         self._shm = shm  # keeps the mapping alive as long as the views below
         self._buf = shm.buf
+        # Slicing the mmap itself copies in or out in one step; a memoryview slice
+        # would first make a view object (a third of the cost of a small record).
+        self._map = shm._mmap
         self._words = shm.buf.cast("Q")
         self.capacity = self._words[_CAPACITY]
         self.max_payload = max_payload(self.capacity)
@@ -119,6 +125,7 @@ class _RingSide:
     def close(self) -> None:
         self._words.release()
         self._buf = None
+        self._map = None
         self._shm.close()
 
 
@@ -134,7 +141,7 @@ class RingWriter(_RingSide):
         self.wake_fd = wake_fd  # data pipe, write end: wakes the consumer
         self.space_fd = space_fd  # space pipe, read end: the consumer says there is room
         self._write = self._words[_WRITE_POS]
-        self._published = self._write
+        self.unpublished = 0  # bytes written and not yet published
         self._read = self._words[_READ_POS]
         # Records ever written (continues across consumers: the consumer's records_read
         # counts the same sequence). Read from two words that a live consumer publishes
@@ -144,52 +151,44 @@ class RingWriter(_RingSide):
             self._buf, self.capacity, self._words[_READ_POS], self._write
         )
 
-    @property
-    def unpublished(self) -> int:
-        return self._write - self._published
-
-    def try_write(self, kind: int, conn_id: int, *chunks: bytes | bytearray | memoryview) -> bool:
+    def try_write(self, kind: int, conn_id: int, payload: bytes | bytearray | memoryview) -> bool:
         """Copy one record in, or return False when there is no room (nothing written)."""
-        length = 0
-        for chunk in chunks:
-            length += len(chunk)
+        length = len(payload)
         if length > self.max_payload:
             raise ValueError(f"record of {length} bytes exceeds ring limit {self.max_payload}")
         size = (RECORD_HEADER_SIZE + length + 7) & ~7
         capacity = self.capacity
-        offset = self._write % capacity
+        write = self._write
+        offset = write % capacity
         tail = capacity - offset
         need = size if size <= tail else tail + size
-        if need > capacity - (self._write - self._read):
+        if need > capacity - (write - self._read):
             self._read = self._words[_READ_POS]
-            if need > capacity - (self._write - self._read):
+            if need > capacity - (write - self._read):
                 return False
-        buf = self._buf
         if size > tail:
             if tail >= RECORD_HEADER_SIZE:
-                RECORD_HEADER.pack_into(buf, DATA_OFFSET + offset, 0, KIND_WRAP, 0)
-            self._write += tail
+                RECORD_HEADER.pack_into(self._buf, DATA_OFFSET + offset, 0, KIND_WRAP, 0)
             offset = 0
         at = DATA_OFFSET + offset
-        RECORD_HEADER.pack_into(buf, at, length, kind, conn_id)
+        RECORD_HEADER.pack_into(self._buf, at, length, kind, conn_id)
         at += RECORD_HEADER_SIZE
-        for chunk in chunks:
-            end = at + len(chunk)
-            buf[at:end] = chunk
-            at = end
-        self._write += size
+        self._map[at : at + length] = payload
+        self._write = write + need
+        self.unpublished += need
         self.records_written += 1
         return True
 
     def publish(self) -> None:
         """Make written records visible; wake the consumer if it sleeps."""
-        if self._write == self._published:
+        if not self.unpublished:
             return
-        self._published = self._write
+        self.unpublished = 0
         words = self._words
         words[_WRITE_POS] = self._write
         fence()
         if words[_READER_SLEEPING]:
+            words[_READER_SLEEPING] = 0  # one byte per sleep
             _poke(self.wake_fd)
 
     def wait_for_space(self) -> bool:
@@ -247,6 +246,7 @@ class RingReader(_RingSide):
         if read == write:
             return []
         buf = self._buf
+        mapped = self._map
         capacity = self.capacity
         unpack = RECORD_HEADER.unpack_from
         records = []
@@ -262,7 +262,7 @@ class RingReader(_RingSide):
                 read += tail
                 continue
             start = at + RECORD_HEADER_SIZE
-            records.append((kind, conn_id, bytes(buf[start : start + length])))
+            records.append((kind, conn_id, mapped[start : start + length]))
             read += (RECORD_HEADER_SIZE + length + 7) & ~7
         self._read = read
         self._records_read += len(records)
@@ -286,6 +286,7 @@ class RingReader(_RingSide):
         words[_READ_POS] = self._read
         fence()
         if words[_WRITER_WAITING]:
+            words[_WRITER_WAITING] = 0  # one byte per wait
             _poke(self.space_fd)
 
     def prepare_sleep(self) -> bool:

@@ -384,7 +384,7 @@ class Dispatcher:
         if conn is not None:
             conn.closed = True
         self._flush_one(conn_id)
-        self._send(conn_id, records.CLOSE, ())
+        self._send(conn_id, records.CLOSE, b"")
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -410,23 +410,21 @@ class Dispatcher:
         answered = box[1] << records.ACK_SHIFT
         if box[0] <= sender.max_payload:
             # One joined chunk: a single copy into the ring beats one per header and body.
-            self._send(conn_id, records.PACKETS | answered, (b"".join(box[2:]),) if len(box) > 4 else box[2:])
+            self._send(conn_id, records.PACKETS | answered, b"".join(box[2:]))
             return
         limit = sender.max_payload
-        chunks: list = []
+        start = 2
         size = 0
         for i in range(2, len(box), 2):
-            header, body = box[i], box[i + 1]
-            packet_size = len(header) + len(body)
-            if size + packet_size > limit:
-                self._send(conn_id, records.PACKETS, chunks)
-                chunks, size = [], 0
-            chunks += (header, body)
+            packet_size = len(box[i]) + len(box[i + 1])
+            if size and size + packet_size > limit:
+                self._send(conn_id, records.PACKETS, b"".join(box[start:i]))
+                start, size = i, 0
             size += packet_size
-        self._send(conn_id, records.PACKETS | answered, chunks)
+        self._send(conn_id, records.PACKETS | answered, b"".join(box[start:]))
 
-    def _send(self, conn_id: int, kind: int, chunks) -> None:
-        if not self.senders[conn_id >> CONN_INDEX_SHIFT].send(kind, conn_id, *chunks):
+    def _send(self, conn_id: int, kind: int, payload: bytes | bytearray | memoryview) -> None:
+        if not self.senders[conn_id >> CONN_INDEX_SHIFT].send(kind, conn_id, payload):
             self._pause_intake()
 
     # A conn process was replaced ------------------------------------------------------
