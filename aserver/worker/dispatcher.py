@@ -407,10 +407,11 @@ class Dispatcher:
         """One ring record per connection per loop iteration, split only when too big.
         The finished-request count goes on the last record, after the replies."""
         sender = self.senders[conn_id >> CONN_INDEX_SHIFT]
-        answered = box[1] << records.ACK_SHIFT
+        answered = records.PACKETS | box[1] << records.ACK_SHIFT
         if box[0] <= sender.max_payload:
             # One joined chunk: a single copy into the ring beats one per header and body.
-            self._send(conn_id, records.PACKETS | answered, b"".join(box[2:]))
+            if not sender.send(answered, conn_id, b"".join(box[2:])):
+                self._pause_intake()
             return
         limit = sender.max_payload
         start = 2
@@ -421,7 +422,7 @@ class Dispatcher:
                 self._send(conn_id, records.PACKETS, b"".join(box[start:i]))
                 start, size = i, 0
             size += packet_size
-        self._send(conn_id, records.PACKETS | answered, b"".join(box[start:]))
+        self._send(conn_id, answered, b"".join(box[start:]))
 
     def _send(self, conn_id: int, kind: int, payload: bytes | bytearray | memoryview) -> None:
         if not self.senders[conn_id >> CONN_INDEX_SHIFT].send(kind, conn_id, payload):
