@@ -15,6 +15,9 @@ writes results.json, results.md, throughput.png and latency.png to --out (defaul
 perf/results/bench-<time>/). Exits 1 if any reply failed verification. CPU of the client,
 each server process and the rest of the machine ("other") is sampled from /proc in each
 measured window: on a 2-core machine they all share the same cores.
+
+The load generator (--client) is perf/cload.c ("c", built with gcc on first use; the
+default when gcc is there) or perf/loadgen.py ("python"): same checks, same results.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import cload
 import idle
 import loadgen
 import report
@@ -307,6 +311,7 @@ class Options:
     quiet_wait: float = 30.0  # max seconds to wait for an idle machine before each run
     aserver_root: Path = REPO  # where `python -m aserver` runs (and imports aserver from)
     out: Path | None = None  # results directory (default: perf/results/bench-<time>)
+    client: str = field(default_factory=lambda: default_client())  # load generator: "c" or "python"
 
 
 def plan(opts: Options) -> list[list[Spec]]:
@@ -329,11 +334,22 @@ def plan(opts: Options) -> list[list[Spec]]:
     return groups
 
 
+CLIENTS = ("c", "python")
+
+
+def default_client() -> str:
+    """The C load generator if it can be built (or already is), else the Python one."""
+    return "c" if cload.available() else "python"
+
+
 def clients_for(spec: Spec, opts: Options) -> int:
-    """Load generator processes: one cannot outrun a pipelined server, two can (measured
-    in perf/README.md); at depth 1 the server waits on round trips and one is plenty."""
+    """Load generator processes. The C client: one. The Python one cannot outrun a pipelined
+    server with one process, two can (measured in perf/README.md); at depth 1 the server
+    waits on round trips and one is plenty."""
     if opts.client_processes:
         return opts.client_processes
+    if opts.client == "c":
+        return 1
     return 2 if spec.depth > 1 else 1
 
 
@@ -367,7 +383,7 @@ def run_load(spec: Spec, opts: Options, settings_path: Path) -> dict:
         sampler = WindowSampler(server.proc.pid, start_at, opts.duration)
         sampler.start()
         try:
-            result = loadgen.run(cfg)
+            result = cload.run(cfg) if opts.client == "c" else loadgen.run(cfg)
         except (OSError, RuntimeError, queue.Empty) as exc:  # e.g. connections refused: a failed run
             result = failed_result(cfg, f"load generator failed: {type(exc).__name__}: {exc}")
         sampler.join(timeout=opts.duration + 10)
@@ -446,6 +462,10 @@ def print_row(r: dict) -> None:
 def bench(opts: Options) -> dict:
     """Run everything selected; returns the report (options, runs, summary, idle, targets)."""
     started = time.strftime("%Y-%m-%d %H:%M:%S")
+    if opts.client == "c":
+        print(f"load generator: C ({cload.build().relative_to(REPO)})", flush=True)
+    else:
+        print("load generator: Python (perf/loadgen.py)", flush=True)
     runs: list[dict] = []
     idle_results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="aserver-bench-") as tmp:
@@ -494,8 +514,12 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--idle", type=int, default=10_000, help="idle connections in the idle section")
     parser.add_argument("--quick", action="store_true",
                         help="a ~1 minute look: 1 s runs, 50 connections only, 2,000 idle connections")
+    parser.add_argument("--client", choices=CLIENTS, default=None,
+                        help="load generator: c (perf/cload.c, built with gcc) or python (perf/loadgen.py); "
+                             "default c if gcc is available, else python")
     parser.add_argument("--client-processes", type=int, default=0,
-                        help="load generator processes (0: 2 when pipelining, else 1)")
+                        help="load generator processes (0: 1 for the C client; for the Python one 2 when "
+                             "pipelining, else 1)")
     parser.add_argument("--quiet-wait", type=float, default=30.0,
                         help="max seconds to wait for an idle machine before each run (0: don't)")
     parser.add_argument("--aserver-root", type=Path, default=REPO,
@@ -505,9 +529,11 @@ def parse_args(argv: list[str] | None) -> Options:
     only = [s for s in args.only.split(",") if s]
     if unknown := set(only) - set(SECTIONS):
         parser.error(f"unknown --only section(s): {', '.join(sorted(unknown))}")
+    if args.client == "c" and not cload.available():
+        parser.error("--client c needs gcc to build perf/cload.c (not found on PATH)")
     opts = Options(args.duration, args.warmup, args.rounds, args.connections, args.depths, args.bodies,
                    args.workers, only, args.idle, args.client_processes, args.quiet_wait,
-                   args.aserver_root.resolve(), args.out)
+                   args.aserver_root.resolve(), args.out, args.client or default_client())
     if args.quick:
         opts.duration, opts.warmup, opts.connections, opts.idle = 1.0, 0.3, [50], min(opts.idle, 2000)
     return opts

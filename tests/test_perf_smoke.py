@@ -4,25 +4,34 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
+
+import pytest
 
 PERF = Path(__file__).resolve().parent.parent / "perf"
 sys.path.insert(0, str(PERF))
 
 import bench  # noqa: E402  (from perf/, put on the path above)
+import cload  # noqa: E402
 import loadgen  # noqa: E402
+
+needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="the C load generator needs gcc")
 
 
 def test_bench_command_end_to_end(tmp_path: Path) -> None:
     """The documented command on a tiny scale: it runs, writes its files and every reply (and
-    every idle connection's echo) verified. "bytes" is left out: it is a matrix run at 16 KiB."""
+    every idle connection's echo) verified. "bytes" is left out: it is a matrix run at 16 KiB.
+    The Python load generator here; the C one in test_bench_with_c_client."""
     out = tmp_path / "results"
     argv = [sys.executable, str(PERF / "bench.py"), "--duration", "0.2", "--warmup", "0.1",
             "--connections", "4", "--depths", "2", "--bodies", "64", "--workers", "1",
-            "--idle", "200", "--only", "matrix,cpu,idle", "--client-processes", "1", "--quiet-wait", "0",
-            "--out", str(out)]
+            "--idle", "200", "--only", "matrix,cpu,idle", "--client", "python", "--client-processes", "1",
+            "--quiet-wait", "0", "--out", str(out)]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=PERF.parent)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert {p.name for p in out.iterdir()} >= {"results.json", "results.md", "throughput.png", "latency.png"}
@@ -34,6 +43,73 @@ def test_bench_command_end_to_end(tmp_path: Path) -> None:
         assert run["requests"] > 0 and run["errors"] == 0, run["error_samples"]
     assert [r["answered"] for r in report["idle"].values()] == [200, 200]
     assert "## Targets" in (out / "results.md").read_text()
+
+
+@needs_gcc
+def test_bench_with_c_client(tmp_path: Path) -> None:
+    """bench with perf/cload.c (built on demand): every reply verified, reference and aserver."""
+    out = tmp_path / "results"
+    argv = [sys.executable, str(PERF / "bench.py"), "--duration", "0.3", "--warmup", "0.1",
+            "--connections", "4", "--depths", "4", "--bodies", "3000", "--workers", "1",
+            "--only", "matrix", "--client", "c", "--quiet-wait", "0", "--out", str(out)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=PERF.parent)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "load generator: C" in proc.stdout
+    report = json.loads((out / "results.json").read_text())
+    assert report["options"]["client"] == "c"
+    assert {r["spec"]["label"] for r in report["runs"]} == {"reference", "aserver w1"}
+    for run in report["runs"]:
+        assert run["requests"] > 0 and run["errors"] == 0, run["error_samples"]
+        assert run["latency_ms"]["samples"] > 0
+
+
+@needs_gcc
+def test_cload_two_processes_same_result_keys() -> None:
+    """Split over two processes and merged; the result has loadgen's keys."""
+    port = bench.free_port()
+    with bench.reference_server(port):
+        cfg = loadgen.LoadConfig(port=port, connections=5, depth=3, body=100, duration=0.3, warmup=0.1,
+                                 processes=2)
+        result = cload.run(cfg)
+    assert result["errors"] == 0, result["error_samples"]
+    assert result["requests"] > 0
+    assert set(result) == set(bench.failed_result(cfg, "")) and set(result["latency_ms"]) == {
+        "p50", "p99", "p99.9", "samples"}
+    assert result["config"]["processes"] == 2
+    assert "req/s" in loadgen.format_result(result)
+
+
+def serve_corrupted_echo(listener: socket.socket, bad_packet: int) -> None:
+    """Echo one connection, but with status 3 in reply number `bad_packet` (1-based)."""
+    conn, _ = listener.accept()
+    with conn:
+        buffer, count = b"", 0
+        try:
+            while data := conn.recv(65536):
+                buffer += data
+                out = bytearray()
+                while len(buffer) >= 4 and len(buffer) >= (size := int.from_bytes(buffer[:4], "little")):
+                    packet, buffer = bytearray(buffer[:size]), buffer[size:]
+                    count += 1
+                    if count == bad_packet:
+                        packet[10] = 3
+                    out += packet
+                conn.sendall(out)
+        except OSError:
+            pass  # the client closes on a bad reply
+
+
+@needs_gcc
+def test_cload_counts_bad_replies() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        thread = threading.Thread(target=serve_corrupted_echo, args=(listener, 3), daemon=True)
+        thread.start()
+        cfg = loadgen.LoadConfig(port=listener.getsockname()[1], connections=1, depth=2, body=8,
+                                 duration=0.2, warmup=0.05, drain_timeout=1.0)
+        result = cload.run(cfg)
+        thread.join(timeout=5)
+    assert result["errors"] >= 1
+    assert result["error_samples"][0] == "reply #2: status 3 != 0", result["error_samples"]
 
 
 def test_ring_plan_stays_in_budget() -> None:

@@ -8,7 +8,14 @@ import logging
 from aserver.conn.in_conn import load_conn_handlers
 from aserver.conn.server import ConnServer
 from aserver.metrics import conn_snapshot
-from aserver.supervisor.child import ChildControl, open_consumer, open_producer, run_child, startup_failed
+from aserver.supervisor.child import (
+    ChildControl,
+    open_consumer,
+    open_producer,
+    report_ready,
+    run_child,
+    startup_failed,
+)
 from aserver.supervisor.spec import ChildSpec
 
 log = logging.getLogger("aserver.conn")
@@ -31,7 +38,7 @@ async def _serve(spec: ChildSpec, control: ChildControl) -> None:
     control.on("worker_gone", lambda m: {"event": "worker_reset", "lost": server.worker_gone(m["index"])})
     control.on("stats", lambda m: {"event": "stats", **server.snapshot()})
     control.on("metrics", lambda m: {"event": "metrics", **conn_snapshot(server)})
-    control.report("ready")
+    report_ready(control)
     await control.stop.wait()
     log.info("stopping: %d connections open", len(server.connections))
     await server.stop(spec.settings.server.stop_timeout)

@@ -10,7 +10,14 @@ from aserver.app import App
 from aserver.ipc.channel import RingReceiver, RingSender
 from aserver.metrics import WorkerMetrics
 from aserver.protocol import PacketCodec
-from aserver.supervisor.child import ChildControl, open_consumer, open_producer, run_child, startup_failed
+from aserver.supervisor.child import (
+    ChildControl,
+    open_consumer,
+    open_producer,
+    report_ready,
+    run_child,
+    startup_failed,
+)
 from aserver.supervisor.spec import ChildSpec
 from aserver.worker.dispatcher import Dispatcher
 
@@ -64,7 +71,7 @@ async def _serve(spec: ChildSpec, control: ChildControl) -> None:
     control.on("attach", lambda m: attach.set() or {"event": "attaching"})
     periodic: list[asyncio.Task] = []
     if spec.standby:
-        control.report("ready")
+        report_ready(control)
         await _first(attach.wait(), control.stop.wait())
     if not control.stop.is_set():
         senders = []
@@ -76,7 +83,7 @@ async def _serve(spec: ChildSpec, control: ChildControl) -> None:
         periodic = [asyncio.ensure_future(_every(seconds, hook)) for seconds, hook in app.periodic]
         dispatcher.start()
         if not spec.standby:
-            control.report("ready")
+            report_ready(control)
         await control.stop.wait()
         # Finish what we took; what is still in the rings waits for our successor.
         dispatcher.stop_intake()
