@@ -76,7 +76,7 @@ class CountingTransport:
 
 async def measure(connections: int, depths: list[int], body: int, requests: int, profile: int | None) -> None:
     loop = asyncio.get_running_loop()
-    rings = RingSet(f"aserver-pathbench-{os.getpid()}", 1, 1, 8 * 1024 * 1024)
+    rings = RingSet(f"aserver-pathbench-{os.getpid()}", 1, 1, int(os.environ.get("RING", 8 * 1024 * 1024)))
     try:
         ((request_producer, reply_consumer),) = rings.for_conn(0)
         ((request_consumer, reply_producer),) = rings.for_worker(0)

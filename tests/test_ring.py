@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 from aserver.ipc.channel import RingReceiver, RingSender
 from aserver.ipc.ring import (
     DATA_OFFSET,
+    RECORD_HEADER,
+    REWIND_AT,
     RingReader,
     RingWriter,
     attach_segment,
@@ -33,12 +35,13 @@ class RingPair:
     """A segment, its two pipes and both ends, each end on its own SharedMemory object
     (as in production, where they live in different processes)."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, rewind_at: int = REWIND_AT) -> None:
+        self.rewind_at = rewind_at
         self.name = f"aserver-test-{uuid.uuid4().hex[:16]}"
         self.shm = create_segment(self.name, capacity)
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.space_r, self.space_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.writer = RingWriter(attach_segment(self.name), self.wake_w, self.space_r)
+        self.writer = RingWriter(attach_segment(self.name), self.wake_w, self.space_r, rewind_at)
         self.reader = RingReader(attach_segment(self.name), self.wake_r, self.space_w)
         self._closed = False
 
@@ -49,7 +52,7 @@ class RingPair:
 
     def reopen_writer(self) -> RingWriter:
         self.writer.close()
-        self.writer = RingWriter(attach_segment(self.name), self.wake_w, self.space_r)
+        self.writer = RingWriter(attach_segment(self.name), self.wake_w, self.space_r, self.rewind_at)
         return self.writer
 
     def close(self) -> None:
@@ -142,6 +145,28 @@ def test_max_payload_always_fits_in_empty_ring(offset_records):
         pair.close()
 
 
+def test_an_empty_ring_past_rewind_at_starts_again_at_the_front() -> None:
+    pair = RingPair(4096, rewind_at=256)
+    try:
+        w, r = pair.writer, pair.reader
+        assert w.try_write(1, 1, bytes(300))
+        assert w.try_write(1, 2, b"second")  # past 256 but not empty: goes on
+        w.publish()
+        assert [c for _, c, _ in r.read_batch(10)] == [1, 2]
+        assert w.try_write(1, 3, b"third")  # not yet released: still not empty
+        w.publish()
+        assert r.read_batch(10) == [(1, 3, b"third")]
+        r.release()
+        assert w.try_write(5, 4, b"front")  # empty now: written at offset 0
+        w.publish()
+        assert RECORD_HEADER.unpack_from(pair.shm.buf, DATA_OFFSET) == (5, 5, 4)
+        assert r.read_batch(10) == [(5, 4, b"front")]
+        r.release()
+        assert w.fill() == 0
+    finally:
+        pair.close()
+
+
 def test_any_buffer_and_header_fields_kept(make_ring):
     pair = make_ring(4096)
     w, r = pair.writer, pair.reader
@@ -200,6 +225,7 @@ def test_full_ring_refuses_without_corruption(make_ring):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     capacity=st.sampled_from([512, 1000, 1024, 4096]),
+    rewind_at=st.sampled_from([REWIND_AT, 64, 300]),
     ops=st.lists(
         st.one_of(
             st.tuples(st.just("write"), st.integers(0, 1000), st.integers(1, 3)),
@@ -212,11 +238,12 @@ def test_full_ring_refuses_without_corruption(make_ring):
         max_size=150,
     ),
 )
-def test_interleaved_writes_and_reads_model(capacity, ops):
+def test_interleaved_writes_and_reads_model(capacity, rewind_at, ops):
     """Random interleavings of writes, publishes, reads and releases over a small ring
-    (so it wraps often, and is often nearly full) against a queue model: content, order
-    and space accounting."""
-    pair = RingPair(capacity)
+    (so it wraps often, and is often nearly full; with a small `rewind_at` it also goes
+    back to the front whenever it is empty) against a queue model: content, order and
+    space accounting."""
+    pair = RingPair(capacity, rewind_at)
     try:
         w, r = pair.writer, pair.reader
         cap = w.capacity

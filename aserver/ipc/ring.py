@@ -16,6 +16,9 @@ consumer had taken (those may be half done) and which it never saw (those can be
 A record is a 16-byte header (payload length u32, kind u32, connection id u64) and its
 payload, padded to 8 bytes. A record never wraps: when it does not fit before the end, the
 producer writes a WRAP record (or, with under 16 bytes left, nothing) and starts again at 0.
+It also starts again at 0, the same way, once it is past `rewind_at` bytes and finds the
+ring empty: the front of the ring is still in the CPU caches, while walking on through
+megabytes of cold memory made each copy a cache miss (16 KiB bodies: half the path's time).
 
 Wakeups: the producer writes a byte to the data pipe only when the consumer has said it is
 asleep; the consumer writes to the space pipe only when the producer has said it waits.
@@ -129,6 +132,10 @@ class _RingSide:
         self._shm.close()
 
 
+# Past this offset an empty ring starts again at 0 (see the module docstring).
+REWIND_AT = 256 * 1024
+
+
 class RingWriter(_RingSide):
     """Producer end. `write` copies a record in; `publish` makes written records visible.
 
@@ -136,8 +143,11 @@ class RingWriter(_RingSide):
     once `unpublished` grows), so the consumer sees them with one wakeup.
     """
 
-    def __init__(self, shm: shared_memory.SharedMemory, wake_fd: int, space_fd: int) -> None:
+    def __init__(
+        self, shm: shared_memory.SharedMemory, wake_fd: int, space_fd: int, rewind_at: int = REWIND_AT
+    ) -> None:
         super().__init__(shm)
+        self.rewind_at = rewind_at
         self.wake_fd = wake_fd  # data pipe, write end: wakes the consumer
         self.space_fd = space_fd  # space pipe, read end: the consumer says there is room
         self._write = self._words[_WRITE_POS]
@@ -161,12 +171,18 @@ class RingWriter(_RingSide):
         write = self._write
         offset = write % capacity
         tail = capacity - offset
-        need = size if size <= tail else tail + size
+        if size > tail:
+            need = tail + size
+        elif offset >= self.rewind_at and size <= offset and self._words[_READ_POS] == write:
+            self._read = write  # everything was consumed: back to the (cache-warm) front
+            need = tail + size
+        else:
+            need = size
         if need > capacity - (write - self._read):
             self._read = self._words[_READ_POS]
             if need > capacity - (write - self._read):
                 return False
-        if size > tail:
+        if need != size:
             if tail >= RECORD_HEADER_SIZE:
                 RECORD_HEADER.pack_into(self._buf, DATA_OFFSET + offset, 0, KIND_WRAP, 0)
             offset = 0
