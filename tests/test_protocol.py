@@ -156,7 +156,9 @@ def test_runs_hold_only_whole_packets(order, packets, data):
     for piece in cut(stream, data.draw(st.lists(st.integers(0, len(stream)), max_size=10))):
         run = bytes(decoder.feed(piece))
         fed += len(piece)
-        got.extend(iter_packets(run, codec))
+        in_run = list(iter_packets(run, codec))
+        assert decoder.count == len(in_run)  # the conn process trusts this count
+        got.extend(in_run)
         assert sum(HEADER_SIZE + len(p.body) for p in got) + decoder.buffered == fed
     assert got == packets
 
