@@ -39,9 +39,10 @@ class BadRequest(Exception):
     gets status BAD_REQUEST and the reason goes to the log, without a traceback."""
 
 
-class Request(msgspec.Struct):
+class Request(msgspec.Struct, eq=False):
     """One request packet, as a handler sees it. A msgspec Struct because one is built
-    per request: that costs a quarter of a Python class's `__init__`."""
+    per request: that costs a quarter of a Python class's `__init__`. Compared and hashed
+    by identity, like a plain object."""
 
     seq_num: int
     cmd_id: int

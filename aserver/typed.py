@@ -59,5 +59,5 @@ def typed_handler(fn: Handler, request_type: Any, reply_type: Any, fmt: BodyForm
         def run(request: Request) -> Any:
             return encoded(fn(decoded(request)))
 
-    run.__qualname__ = fn.__qualname__
+    run.__qualname__ = getattr(fn, "__qualname__", repr(fn))
     return run

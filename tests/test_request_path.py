@@ -105,6 +105,9 @@ async def test_handler_exception_gets_error_reply_and_worker_lives(server) -> No
         assert bad.status_code == Status.HANDLER_ERROR
         hidden = await client.call(HIDDEN_ASYNC, b"", timeout=5)
         assert hidden.status_code == Status.HANDLER_ERROR
+        # the same when it waits behind an async request (not run inline)
+        behind = await client.call_many([(SLOW_ECHO, b"20", 0), (HIDDEN_ASYNC, b"", 0)], timeout=5)
+        assert [r.status_code for r in behind] == [0, Status.HANDLER_ERROR]
         assert (await client.call(ECHO, b"alive", timeout=5)).body == b"alive"
     line = server.wait_for_log(r"handler fail failed on cmd_id 3")
     assert "HANDLER_ERROR" in line

@@ -12,8 +12,9 @@ import enum
 CONN_INDEX_SHIFT = 56
 
 KIND_MASK = 0xFF
-# 24 bits of acks: more than workers.max_pending (at most 1,000,000) can ever reach.
+# 24 bits of acks; a worker that finished more in one go sends them over several records.
 ACK_SHIFT = 8
+MAX_ACKS = (1 << 24) - 1
 
 
 class Kind(enum.IntEnum):

@@ -37,16 +37,28 @@ _DISCONNECT = object()
 
 
 def _as_reply(result: object) -> tuple[bytes | bytearray | memoryview, int]:
-    """A handler's result other than bytes or None, as (body, status)."""
+    """A handler's result other than bytes or None, as (body, status). Raises (inside the
+    handler's try) for anything the reply path could not send."""
     if isinstance(result, Reply):
-        return result.body, result.status
-    if isinstance(result, (bytearray, memoryview)):
-        return result, 0
-    if inspect.iscoroutine(result):
+        body, status = result.body, result.status
+        if not isinstance(status, int) or not 0 <= status <= 0xFFFFFFFF:
+            raise ValueError(f"Reply status {status!r} is not an integer in 0-4294967295")
+    else:
+        body, status = result, 0
+    if isinstance(body, bytes | bytearray):
+        return body, status
+    if isinstance(body, memoryview):
+        return (body if body.format == "B" else body.cast("B")), status
+    if inspect.iscoroutine(body):
         # A plain function that returns a coroutine was taken for a sync handler.
-        result.close()
+        body.close()
         raise TypeError("handler returned a coroutine: declare it `async def` so the worker awaits it")
-    raise TypeError(f"handler returned {type(result).__name__}; expected bytes, Reply or None")
+    what = "Reply body" if isinstance(result, Reply) else "handler"
+    raise TypeError(f"{what} returned {type(body).__name__}; expected bytes, Reply or None")
+
+
+def _name(fn: object) -> str:
+    return getattr(fn, "__qualname__", repr(fn))
 
 
 class Dispatcher:
@@ -71,6 +83,8 @@ class Dispatcher:
         }
         fallback = app.fallback_handler
         self.inline_fallback = None if fallback is None or inspect.iscoroutinefunction(fallback) else fallback
+        # Handlers whose result is awaited: decided per handler, never by what it returns.
+        self.awaited = {fn for fn in [*self.handlers.values(), fallback] if inspect.iscoroutinefunction(fn)}
         self.codec = codec
         self._pack = codec.header.pack
         self.loop = loop
@@ -199,7 +213,7 @@ class Dispatcher:
                 result = handler(Request(seq, cmd, status, user, payload[pos + HEADER_SIZE : pos + length], conn))
                 if type(result) is not bytes and result is not None:
                     result = _as_reply(result)
-            except Exception as exc:
+            except (Exception, asyncio.CancelledError) as exc:  # nothing of ours to cancel here
                 result = self._failed(conn, seq, cmd, handler, exc)
             if metrics is not None:
                 now = perf_counter()
@@ -244,6 +258,7 @@ class Dispatcher:
         fallback = self.app.fallback_handler
         metrics = self.metrics
         answer = self._answer
+        awaited = self.awaited
         while True:
             conn = await ready.get()
             jobs = conn._jobs
@@ -263,13 +278,10 @@ class Dispatcher:
                 else:
                     try:
                         result = handler(Request(seq, cmd, status, user, body, conn))
+                        if handler in awaited:
+                            result = await result
                         if type(result) is not bytes and result is not None:
-                            if inspect.isawaitable(result):
-                                result = await result
-                                if type(result) is not bytes and result is not None:
-                                    result = _as_reply(result)
-                            else:
-                                result = _as_reply(result)
+                            result = _as_reply(result)
                     except Exception as exc:
                         result = self._failed(conn, seq, cmd, handler, exc)
                     except asyncio.CancelledError as exc:
@@ -328,7 +340,7 @@ class Dispatcher:
             try:
                 await hook(conn)
             except Exception:
-                log.exception("%s hook %s failed for %r", what, hook.__qualname__, conn)
+                log.exception("%s hook %s failed for %r", what, _name(hook), conn)
 
     def _unknown_command(self, conn: Connection, seq: int, cmd: int) -> tuple[bytes, int]:
         self.stats["unknown_command"] += 1
@@ -344,7 +356,7 @@ class Dispatcher:
             return b"", Status.BAD_REQUEST
         self.stats["handler_errors"] += 1
         log.error("handler %s failed on cmd_id %d seq %d from %s:%s; replied HANDLER_ERROR",
-                  handler.__qualname__, cmd, seq, conn.peer[0], conn.peer[1], exc_info=exc)
+                  _name(handler), cmd, seq, conn.peer[0], conn.peer[1], exc_info=exc)
         return b"", Status.HANDLER_ERROR
 
     def _too_big(self, conn: Connection, seq: int, cmd: int, size: int) -> tuple[bytes, int]:
@@ -407,7 +419,11 @@ class Dispatcher:
         """One ring record per connection per loop iteration, split only when too big.
         The finished-request count goes on the last record, after the replies."""
         sender = self.senders[conn_id >> CONN_INDEX_SHIFT]
-        answered = records.PACKETS | box[1] << records.ACK_SHIFT
+        acks = box[1]
+        while acks > records.MAX_ACKS:  # more than one record's ack field holds
+            self._send(conn_id, records.PACKETS | records.MAX_ACKS << records.ACK_SHIFT, b"")
+            acks -= records.MAX_ACKS
+        answered = records.PACKETS | acks << records.ACK_SHIFT
         if box[0] <= sender.max_payload:
             # One joined chunk: a single copy into the ring beats one per header and body.
             if not sender.send(answered, conn_id, b"".join(box[2:])):

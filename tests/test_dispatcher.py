@@ -1,0 +1,237 @@
+"""The Dispatcher on its own (fake ring ends): what a handler's bad result or failure may
+do to the batch it came in. Sync handlers run inline inside `on_records`, so nothing may
+escape from there: the other requests and connections of the batch must still be run,
+answered and acked (the conn process matches acks to requests in order)."""
+
+import asyncio
+import functools
+
+import pytest
+
+from aserver.app import App, Reply, Request, Status
+from aserver.ipc import records
+from aserver.protocol import HEADER_SIZE, PacketCodec
+from aserver.worker.dispatcher import Dispatcher
+
+codec = PacketCodec()
+CONN_A = 1
+CONN_B = 2
+
+
+class FakeSender:  # a reply ring that records what was sent
+    max_payload = 1 << 20
+    backlogged = False
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, kind, conn_id, payload):
+        self.sent.append((kind, conn_id, bytes(payload)))
+        return True
+
+    def flush(self):
+        pass
+
+    def discard_unread(self):
+        pass
+
+
+class FakeReceiver:
+    def start(self): pass
+    def stop(self): pass
+    def pause(self): pass
+    def resume(self): pass
+    def skip_unread(self): pass
+
+
+def run(*packets):
+    return b"".join(codec.encode(cmd, body, seq_num=seq) for seq, cmd, body in packets)
+
+
+def make(app, concurrency=4):
+    loop = asyncio.get_running_loop()
+    d = Dispatcher(app, codec, loop, concurrency, 1000)
+    sender = FakeSender()
+    d.attach([sender], [FakeReceiver()])
+    d.start()
+    return d, sender
+
+
+def replies_and_acks(sender, conn_id):
+    """[(seq, status, body)], total acks, for one connection."""
+    out, acks = [], 0
+    for kind, cid, payload in sender.sent:
+        if cid != conn_id:
+            continue
+        acks += kind >> records.ACK_SHIFT
+        pos = 0
+        while pos < len(payload):
+            length, seq, _cmd, status, _user = codec.header.unpack_from(payload, pos)
+            out.append((seq, status, payload[pos + HEADER_SIZE: pos + length]))
+            pos += length
+    return out, acks
+
+
+async def settle():
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def test_a_plain_function_returning_a_coroutine_fails_the_same_on_any_path():
+    """Inline (idle connection) or queued behind an async request: HANDLER_ERROR both
+    times. Whether the result is awaited is decided per handler, never by the result."""
+    app = App()
+
+    @app.handler(4)
+    async def slow(request):
+        await asyncio.sleep(0.01)
+        return request.body
+
+    async def echo_async(request):
+        return request.body
+
+    app.handler(14)(lambda request: echo_async(request))
+    d, sender = make(app)
+    # idle connection A: cmd 14 runs inline
+    d.on_records([(records.PACKETS, CONN_A, run((1, 14, b"a")))])
+    # busy connection B: an async request first, then cmd 14 in the same record
+    d.on_records([(records.PACKETS, CONN_B, run((1, 4, b"x"), (2, 14, b"b")))])
+    await asyncio.sleep(0.05)
+    d._flush()
+    a, _ = replies_and_acks(sender, CONN_A)
+    b, _ = replies_and_acks(sender, CONN_B)
+    assert a[0][1] == Status.HANDLER_ERROR
+    # same handler, same request: only the connection's state differs
+    assert b[1][1] == a[0][1], f"busy connection got status {b[1][1]} body {b[1][2]!r}"
+
+
+@pytest.mark.parametrize("bad", [Reply(b"x", status=-1), Reply(b"x", status=2**32), Reply(None), Reply("text")])
+async def test_a_bad_reply_from_a_sync_handler_fails_only_its_request(bad):
+    app = App()
+
+    @app.handler(1)
+    def echo(request):
+        return request.body
+
+    @app.handler(9)
+    def broken(request):
+        return bad
+
+    d, sender = make(app)
+    batch = [
+        (records.PACKETS, CONN_A, run((1, 9, b""), (2, 1, b"after-in-same-record"))),
+        (records.PACKETS, CONN_B, run((1, 1, b"other connection"))),
+    ]
+    d.on_records(batch)
+    await settle()
+    d._flush()
+    a, acks_a = replies_and_acks(sender, CONN_A)
+    b, acks_b = replies_and_acks(sender, CONN_B)
+    assert acks_a == 2, f"conn A acks {acks_a} (replies {a})"
+    assert [(seq, status) for seq, status, _ in a] == [(1, Status.HANDLER_ERROR), (2, 0)]
+    assert acks_b == 1 and b and b[0][2] == b"other connection", f"conn B acks {acks_b} replies {b}"
+
+
+async def test_a_handler_without_a_qualname_that_raises():
+    app = App()
+
+    def fail(what, request):
+        raise RuntimeError(what)
+
+    app.handler(3)(functools.partial(fail, "boom"))
+
+    @app.handler(1)
+    def echo(request):
+        return request.body
+
+    d, sender = make(app)
+    d.on_records([
+            (records.PACKETS, CONN_A, run((1, 3, b""))),
+            (records.PACKETS, CONN_B, run((1, 1, b"b"))),
+        ])
+    await settle()
+    d._flush()
+    a, acks_a = replies_and_acks(sender, CONN_A)
+    b, acks_b = replies_and_acks(sender, CONN_B)
+    assert a and a[0][1] == Status.HANDLER_ERROR and acks_a == 1, (a, acks_a)
+    assert acks_b == 1, (b, acks_b)
+
+
+async def test_a_sync_handler_raising_cancelled_error():
+    """e.g. fut.result() on a cancelled future: HANDLER_ERROR, as on the consumer path."""
+    app = App()
+    loop = asyncio.get_running_loop()
+
+    @app.handler(13)
+    def result_of_cancelled(request):
+        fut = loop.create_future()
+        fut.cancel()
+        return fut.result()
+
+    @app.handler(1)
+    def echo(request):
+        return request.body
+
+    d, sender = make(app)
+    d.on_records([
+            (records.PACKETS, CONN_A, run((1, 13, b""))),
+            (records.PACKETS, CONN_B, run((1, 1, b"b"))),
+        ])
+    await settle()
+    d._flush()
+    a, acks_a = replies_and_acks(sender, CONN_A)
+    b, acks_b = replies_and_acks(sender, CONN_B)
+    assert a and a[0][1] == Status.HANDLER_ERROR and acks_a == 1, (a, acks_a)
+    assert acks_b == 1, (b, acks_b)
+
+
+def test_requests_compare_and_hash_by_identity():
+    a, b = Request(1, 2, 0, 0, b"", None), Request(1, 2, 0, 0, b"", None)  # type: ignore[arg-type]
+    assert a != b and len({a, b}) == 2
+
+
+async def test_a_bad_reply_from_an_async_handler_leaves_its_consumer_running():
+    """With one consumer task: if it died, the connection's next request would never run."""
+    app = App()
+
+    @app.handler(1)
+    def echo(request):
+        return request.body
+
+    @app.handler(9)
+    async def broken(request):
+        return Reply(None)
+
+    d, sender = make(app, concurrency=1)
+    d.on_records([(records.PACKETS, CONN_A, run((1, 9, b"")))])
+    await settle()
+    d.on_records([(records.PACKETS, CONN_A, run((2, 1, b"later")))])
+    await settle()
+    d._flush()
+    a, acks = replies_and_acks(sender, CONN_A)
+    assert acks == 2, (a, acks)
+    assert [(seq, status) for seq, status, _ in a] == [(1, Status.HANDLER_ERROR), (2, 0)]
+
+
+async def test_a_str_reply_body_does_not_cost_other_connections_their_replies():
+    app = App()
+
+    @app.handler(1)
+    def echo(request):
+        return request.body
+
+    @app.handler(9)
+    def broken(request):
+        return Reply("text")
+
+    d, sender = make(app)
+    d.on_records([
+            (records.PACKETS, CONN_A, run((1, 9, b""))),
+            (records.PACKETS, CONN_B, run((1, 1, b"b"))),
+        ])
+    await settle()
+    d._flush()
+    b, acks_b = replies_and_acks(sender, CONN_B)
+    a, acks_a = replies_and_acks(sender, CONN_A)
+    assert acks_b == 1, (b, acks_b)
+    assert acks_a == 1, (a, acks_a)
