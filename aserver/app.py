@@ -34,6 +34,36 @@ class Reply(NamedTuple):
     status: int = 0
 
 
+def reply_parts(result: object) -> tuple[bytes | bytearray | memoryview, int]:
+    """A handler's result other than bytes or None, as (body, status) ready to send: a
+    flat byte buffer and a u32. Raises (inside the handler's try, so the client gets
+    HANDLER_ERROR) for anything else."""
+    if isinstance(result, Reply):
+        body, status = result.body, result.status
+        if not isinstance(status, int) or not 0 <= status <= 0xFFFFFFFF:
+            raise ValueError(f"Reply status {status!r} is not an integer in 0-4294967295")
+    else:
+        body, status = result, 0
+    if isinstance(body, bytes | bytearray):
+        return body, status
+    if isinstance(body, memoryview):
+        flat = body.ndim == 1 and body.format == "B" and body.c_contiguous
+        return (body if flat else body.tobytes()), status
+    if inspect.iscoroutine(body):
+        # A plain function that returns a coroutine was taken for a sync handler.
+        body.close()
+        raise TypeError("handler returned a coroutine: declare it `async def` so the worker awaits it")
+    what = "Reply body" if isinstance(result, Reply) else "handler"
+    raise TypeError(f"{what} returned {type(body).__name__}; expected bytes, Reply or None")
+
+
+def callable_name(fn: object) -> str:
+    """A handler's or hook's name for messages (a partial or callable object has no
+    __qualname__)."""
+    name = getattr(fn, "__qualname__", None)
+    return name if name is not None else repr(fn)
+
+
 class BadRequest(Exception):
     """Raise in a handler (typed handlers raise it for an undecodable body): the client
     gets status BAD_REQUEST and the reason goes to the log, without a traceback."""
@@ -76,7 +106,7 @@ ConnHandler = Callable[[Request], HandlerResult]
 
 def _require_async(fn: Callable, what: str) -> None:
     if not inspect.iscoroutinefunction(fn):
-        raise TypeError(f"{what} {getattr(fn, '__qualname__', fn)!r} must be an async function")
+        raise TypeError(f"{what} {callable_name(fn)!r} must be an async function")
 
 
 class App:
@@ -133,14 +163,14 @@ class App:
                 if request is not None or reply is not None:
                     raise ValueError(f"in_conn handler for cmd_id {cmd_id} takes raw bodies (no request=/reply=)")
                 if inspect.iscoroutinefunction(fn):
-                    raise TypeError(f"in_conn handler {fn.__qualname__!r} must be a plain (sync) function")
+                    raise TypeError(f"in_conn handler {callable_name(fn)!r} must be a plain (sync) function")
                 if cmd_id in self.handlers:
-                    raise ValueError(f"cmd_id {cmd_id} already has a handler: {self.handlers[cmd_id].__qualname__}")
+                    raise ValueError(f"cmd_id {cmd_id} already has a handler: {callable_name(self.handlers[cmd_id])}")
                 self.conn_handlers[cmd_id] = fn
                 self.handlers[cmd_id] = fn
                 return fn
             if cmd_id in self.handlers:
-                raise ValueError(f"cmd_id {cmd_id} already has a handler: {self.handlers[cmd_id].__qualname__}")
+                raise ValueError(f"cmd_id {cmd_id} already has a handler: {callable_name(self.handlers[cmd_id])}")
             self.handlers[cmd_id] = fn
             if request is not None or reply is not None:
                 self.message_types[cmd_id] = (request, reply)
@@ -152,7 +182,7 @@ class App:
         """Handle every cmd_id that has no handler of its own (a proxy, say); sync or
         async, like a handler."""
         if self.fallback_handler is not None:
-            raise ValueError(f"a fallback handler is already set: {self.fallback_handler.__qualname__}")
+            raise ValueError(f"a fallback handler is already set: {callable_name(self.fallback_handler)}")
         self.fallback_handler = fn
         return fn
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from aserver.app import BadRequest, Handler, Reply, Request
+from aserver.app import BadRequest, Handler, Reply, Request, callable_name
 
 BodyFormat = Literal["msgpack", "json"]
 
@@ -43,8 +43,8 @@ def typed_handler(fn: Handler, request_type: Any, reply_type: Any, fmt: BodyForm
         return request
 
     def encoded(result: Any) -> Any:
-        if result is None or isinstance(result, (bytes, bytearray, memoryview)):
-            return result
+        if result is None or isinstance(result, (bytes, bytearray, memoryview)) or inspect.iscoroutine(result):
+            return result  # a coroutine here is refused by the reply path, with the reason
         if isinstance(result, Reply):
             body = result.body
             if isinstance(body, (bytes, bytearray, memoryview)):
@@ -59,5 +59,5 @@ def typed_handler(fn: Handler, request_type: Any, reply_type: Any, fmt: BodyForm
         def run(request: Request) -> Any:
             return encoded(fn(decoded(request)))
 
-    run.__qualname__ = getattr(fn, "__qualname__", repr(fn))
+    run.__qualname__ = callable_name(fn)
     return run

@@ -3,9 +3,14 @@ do to the batch it came in. Sync handlers run inline inside `on_records`, so not
 escape from there: the other requests and connections of the batch must still be run,
 answered and acked (the conn process matches acks to requests in order)."""
 
+import array
 import asyncio
+import dataclasses
 import functools
+import gc
+import warnings
 
+import msgspec
 import pytest
 
 from aserver.app import App, Reply, Request, Status
@@ -235,3 +240,98 @@ async def test_a_str_reply_body_does_not_cost_other_connections_their_replies():
     a, acks_a = replies_and_acks(sender, CONN_A)
     assert acks_b == 1, (b, acks_b)
     assert acks_a == 1, (a, acks_a)
+
+
+def echo(request):
+    return request.body
+
+
+@pytest.mark.parametrize("body, sent", [
+    (memoryview(bytearray(b"ABCDEFGH")).cast("B", (2, 4)), b"ABCDEFGH"),  # 2-D: len() is 2
+    (memoryview(b"abcdef")[::2], b"ace"),  # strided: b"".join refuses it
+    (memoryview(bytearray(b"a")).cast("B", ()), b"a"),  # 0-dim
+    (memoryview(array.array("H", [0x4241])), b"AB"),  # not bytes
+    (Reply(memoryview(bytearray(b"xyz")), 7), b"xyz"),
+])
+async def test_any_memoryview_body_is_sent_as_its_bytes(body, sent):
+    app = App()
+    app.handler(1)(echo)
+    app.handler(9)(lambda request: body)
+    d, sender = make(app)
+    d.on_records([(records.PACKETS, CONN_A, run((1, 9, b""), (2, 1, b"next"))),
+                  (records.PACKETS, CONN_B, run((1, 1, b"other")))])
+    await settle()
+    d._flush()
+    a, acks_a = replies_and_acks(sender, CONN_A)
+    b, acks_b = replies_and_acks(sender, CONN_B)
+    assert [(seq, bytes(got)) for seq, _, got in a] == [(1, sent), (2, b"next")] and acks_a == 2
+    assert acks_b == 1 and bytes(b[0][2]) == b"other"
+
+
+@dataclasses.dataclass
+class Prefixer:  # a dataclass with eq: not hashable
+    prefix: bytes
+
+    def __call__(self, request: Request) -> bytes:
+        return self.prefix + request.body
+
+
+async def test_an_unhashable_callable_handler_works_inline_and_queued():
+    app = App()
+
+    @app.handler(4)
+    async def slow(request):
+        await asyncio.sleep(0.01)
+        return request.body
+
+    app.handler(10)(Prefixer(b"p:"))
+    d, sender = make(app)
+    d.on_records([(records.PACKETS, CONN_A, run((1, 10, b"a")))])  # inline
+    d.on_records([(records.PACKETS, CONN_B, run((1, 4, b"x"), (2, 10, b"b")))])  # queued behind slow
+    await asyncio.sleep(0.05)
+    d._flush()
+    a, _ = replies_and_acks(sender, CONN_A)
+    b, _ = replies_and_acks(sender, CONN_B)
+    assert [(status, bytes(body)) for _, status, body in a] == [(0, b"p:a")]
+    assert [(status, bytes(body)) for _, status, body in b] == [(0, b"x"), (0, b"p:b")]
+
+
+async def test_acks_beyond_one_record_follow_the_replies(monkeypatch):
+    """The conn process retires requests as acks arrive: an ack must never come before
+    the reply it covers (a worker dying in between would lose that reply silently)."""
+    monkeypatch.setattr(records, "MAX_ACKS", 2)
+    app = App()
+    app.handler(1)(echo)
+    d, sender = make(app)
+    d.on_records([(records.PACKETS, CONN_A, run(*[(i, 1, b"r%d" % i) for i in range(5)]))])
+    await settle()
+    d._flush()
+    acked = replied = 0
+    for kind, _, payload in sender.sent:
+        replied += len(payload) // (HEADER_SIZE + 2)
+        acked += kind >> records.ACK_SHIFT
+        assert acked <= replied
+    assert (acked, replied) == (5, 5)
+
+
+async def test_a_typed_sync_handler_returning_a_coroutine(caplog):
+    class Out(msgspec.Struct):
+        x: int
+
+    async def later() -> Out:
+        return Out(1)
+
+    app = App()
+    app.handler(20, reply=Out)(lambda request: later())
+    d, sender = make(app)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        d.on_records([(records.PACKETS, CONN_A, run((1, 20, b"")))])
+        await settle()
+        d._flush()
+        gc.collect()
+    assert not [w for w in caught if "never awaited" in str(w.message)]  # it was closed
+    reasons = [str(r.exc_info[1]) for r in caplog.records if r.exc_info]
+    assert any("declare it `async def`" in reason for reason in reasons), reasons
+    a, acks = replies_and_acks(sender, CONN_A)
+    assert [status for _, status, _ in a] == [Status.HANDLER_ERROR] and acks == 1

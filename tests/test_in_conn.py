@@ -72,3 +72,25 @@ async def test_startup_hooks_run_only_in_workers(server) -> None:
         # Behind a request in flight, the worker runs it: there the hook has run.
         replies = await client.call_many([(SLOW_ECHO, b"0050", 0), (PING_STARTED, b"", 0)], timeout=5)
         assert replies[1].body.split()[1] == b"yes"
+
+
+def test_a_bad_in_conn_result_is_a_handler_error_not_a_crash() -> None:
+    """The reply checks are the worker's (aserver.app.reply_parts): an out-of-range status
+    or an odd memoryview must not raise in the conn process's data path."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from aserver.app import Reply
+    from aserver.conn.in_conn import InConnAnswerer
+
+    results = {1: Reply(b"x", status=-1), 2: memoryview(bytearray(b"ABCD")).cast("B", (2, 2)), 3: b"ok"}
+    stats: Counter[str] = Counter()
+    answerer = InConnAnswerer({cmd: (lambda request, r=r: r) for cmd, r in results.items()}, codec, stats)
+    conn = SimpleNamespace(info=SimpleNamespace(id=1, peer=("10.0.0.1", 5)))
+    run = b"".join(codec.encode(cmd, b"", seq_num=cmd) for cmd in results)
+    replies, pos, count = answerer.answer_leading(conn, run)  # type: ignore[arg-type]
+    got = [codec.decode(reply) for reply in replies]
+    assert (pos, count) == (len(run), 3)
+    assert [(p.seq_num, p.status_code, p.body) for p in got] == [
+        (1, Status.HANDLER_ERROR, b""), (2, 0, b"ABCD"), (3, 0, b"ok")]
+    assert stats["in_conn_handler_errors"] == 1

@@ -14,7 +14,7 @@ import logging
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from aserver.app import BadRequest, ConnHandler, Reply, Request, Status
+from aserver.app import BadRequest, ConnHandler, Request, Status, callable_name, reply_parts
 from aserver.protocol import HEADER_SIZE, PacketCodec
 
 if TYPE_CHECKING:
@@ -74,12 +74,7 @@ class InConnAnswerer:
             result = fn(Request(seq, cmd, status, user, body, conn.info))  # type: ignore[arg-type]
             if result is None:
                 return None
-            if isinstance(result, Reply):
-                out, out_status = result.body, result.status
-            else:
-                out, out_status = result, 0
-            if not isinstance(out, (bytes, bytearray, memoryview)):
-                raise TypeError(f"in-conn handler returned {type(out).__name__}; expected bytes, Reply or None")
+            out, out_status = (result, 0) if type(result) is bytes else reply_parts(result)
         except BadRequest as exc:
             log.warning("bad request cmd_id %d seq %d from %s:%s: %s; replied BAD_REQUEST",
                         cmd, seq, conn.info.peer[0], conn.info.peer[1], exc)
@@ -87,6 +82,6 @@ class InConnAnswerer:
         except Exception:
             self._stats["in_conn_handler_errors"] += 1
             log.exception("in-conn handler %s failed on cmd_id %d seq %d from %s:%s; replied HANDLER_ERROR",
-                          getattr(fn, "__qualname__", fn), cmd, seq, conn.info.peer[0], conn.info.peer[1])
+                          callable_name(fn), cmd, seq, conn.info.peer[0], conn.info.peer[1])
             out, out_status = b"", Status.HANDLER_ERROR
         return self._pack(HEADER_SIZE + len(out), seq, cmd, out_status, user) + bytes(out)

@@ -19,7 +19,7 @@ from time import perf_counter
 
 import msgspec
 
-from aserver.app import App, BadRequest, Reply, Request, Status
+from aserver.app import App, BadRequest, Request, Status, callable_name, reply_parts
 from aserver.ipc import records
 from aserver.ipc.channel import RingReceiver, RingSender
 from aserver.ipc.records import CONN_INDEX_SHIFT
@@ -34,31 +34,6 @@ log = logging.getLogger("aserver.worker")
 
 _CONNECT = object()
 _DISCONNECT = object()
-
-
-def _as_reply(result: object) -> tuple[bytes | bytearray | memoryview, int]:
-    """A handler's result other than bytes or None, as (body, status). Raises (inside the
-    handler's try) for anything the reply path could not send."""
-    if isinstance(result, Reply):
-        body, status = result.body, result.status
-        if not isinstance(status, int) or not 0 <= status <= 0xFFFFFFFF:
-            raise ValueError(f"Reply status {status!r} is not an integer in 0-4294967295")
-    else:
-        body, status = result, 0
-    if isinstance(body, bytes | bytearray):
-        return body, status
-    if isinstance(body, memoryview):
-        return (body if body.format == "B" else body.cast("B")), status
-    if inspect.iscoroutine(body):
-        # A plain function that returns a coroutine was taken for a sync handler.
-        body.close()
-        raise TypeError("handler returned a coroutine: declare it `async def` so the worker awaits it")
-    what = "Reply body" if isinstance(result, Reply) else "handler"
-    raise TypeError(f"{what} returned {type(body).__name__}; expected bytes, Reply or None")
-
-
-def _name(fn: object) -> str:
-    return getattr(fn, "__qualname__", repr(fn))
 
 
 class Dispatcher:
@@ -83,8 +58,9 @@ class Dispatcher:
         }
         fallback = app.fallback_handler
         self.inline_fallback = None if fallback is None or inspect.iscoroutinefunction(fallback) else fallback
-        # Handlers whose result is awaited: decided per handler, never by what it returns.
-        self.awaited = {fn for fn in [*self.handlers.values(), fallback] if inspect.iscoroutinefunction(fn)}
+        # ids of the handlers whose result is awaited: decided per handler, never by what it
+        # returns (by id: a handler object need not be hashable).
+        self.awaited = {id(fn) for fn in [*self.handlers.values(), fallback] if inspect.iscoroutinefunction(fn)}
         self.codec = codec
         self._pack = codec.header.pack
         self.loop = loop
@@ -212,7 +188,7 @@ class Dispatcher:
             try:
                 result = handler(Request(seq, cmd, status, user, payload[pos + HEADER_SIZE : pos + length], conn))
                 if type(result) is not bytes and result is not None:
-                    result = _as_reply(result)
+                    result = reply_parts(result)
             except (Exception, asyncio.CancelledError) as exc:  # nothing of ours to cancel here
                 result = self._failed(conn, seq, cmd, handler, exc)
             if metrics is not None:
@@ -278,10 +254,10 @@ class Dispatcher:
                 else:
                     try:
                         result = handler(Request(seq, cmd, status, user, body, conn))
-                        if handler in awaited:
+                        if id(handler) in awaited:
                             result = await result
                         if type(result) is not bytes and result is not None:
-                            result = _as_reply(result)
+                            result = reply_parts(result)
                     except Exception as exc:
                         result = self._failed(conn, seq, cmd, handler, exc)
                     except asyncio.CancelledError as exc:
@@ -340,7 +316,7 @@ class Dispatcher:
             try:
                 await hook(conn)
             except Exception:
-                log.exception("%s hook %s failed for %r", what, _name(hook), conn)
+                log.exception("%s hook %s failed for %r", what, callable_name(hook), conn)
 
     def _unknown_command(self, conn: Connection, seq: int, cmd: int) -> tuple[bytes, int]:
         self.stats["unknown_command"] += 1
@@ -356,7 +332,7 @@ class Dispatcher:
             return b"", Status.BAD_REQUEST
         self.stats["handler_errors"] += 1
         log.error("handler %s failed on cmd_id %d seq %d from %s:%s; replied HANDLER_ERROR",
-                  _name(handler), cmd, seq, conn.peer[0], conn.peer[1], exc_info=exc)
+                  callable_name(handler), cmd, seq, conn.peer[0], conn.peer[1], exc_info=exc)
         return b"", Status.HANDLER_ERROR
 
     def _too_big(self, conn: Connection, seq: int, cmd: int, size: int) -> tuple[bytes, int]:
@@ -420,25 +396,28 @@ class Dispatcher:
         The finished-request count goes on the last record, after the replies."""
         sender = self.senders[conn_id >> CONN_INDEX_SHIFT]
         acks = box[1]
-        while acks > records.MAX_ACKS:  # more than one record's ack field holds
-            self._send(conn_id, records.PACKETS | records.MAX_ACKS << records.ACK_SHIFT, b"")
-            acks -= records.MAX_ACKS
-        answered = records.PACKETS | acks << records.ACK_SHIFT
+        # The ack count rides on the last record, after the replies it covers; past what
+        # one record's field holds, the rest follow in records of their own.
+        answered = records.PACKETS | min(acks, records.MAX_ACKS) << records.ACK_SHIFT
         if box[0] <= sender.max_payload:
             # One joined chunk: a single copy into the ring beats one per header and body.
             if not sender.send(answered, conn_id, b"".join(box[2:])):
                 self._pause_intake()
-            return
-        limit = sender.max_payload
-        start = 2
-        size = 0
-        for i in range(2, len(box), 2):
-            packet_size = len(box[i]) + len(box[i + 1])
-            if size and size + packet_size > limit:
-                self._send(conn_id, records.PACKETS, b"".join(box[start:i]))
-                start, size = i, 0
-            size += packet_size
-        self._send(conn_id, answered, b"".join(box[start:]))
+        else:
+            limit = sender.max_payload
+            start = 2
+            size = 0
+            for i in range(2, len(box), 2):
+                packet_size = len(box[i]) + len(box[i + 1])
+                if size and size + packet_size > limit:
+                    self._send(conn_id, records.PACKETS, b"".join(box[start:i]))
+                    start, size = i, 0
+                size += packet_size
+            self._send(conn_id, answered, b"".join(box[start:]))
+        acks -= records.MAX_ACKS
+        while acks > 0:
+            self._send(conn_id, records.PACKETS | min(acks, records.MAX_ACKS) << records.ACK_SHIFT, b"")
+            acks -= records.MAX_ACKS
 
     def _send(self, conn_id: int, kind: int, payload: bytes | bytearray | memoryview) -> None:
         if not self.senders[conn_id >> CONN_INDEX_SHIFT].send(kind, conn_id, payload):

@@ -6,7 +6,7 @@ import asyncio
 import importlib
 import logging
 
-from aserver.app import App
+from aserver.app import App, callable_name
 from aserver.ipc.channel import RingReceiver, RingSender
 from aserver.metrics import WorkerMetrics
 from aserver.protocol import PacketCodec
@@ -95,7 +95,7 @@ async def _serve(spec: ChildSpec, control: ChildControl) -> None:
         try:
             await hook()
         except Exception:
-            log.exception("on_shutdown hook %s failed", hook.__qualname__)
+            log.exception("on_shutdown hook %s failed", callable_name(hook))
     for receiver in dispatcher.receivers:
         receiver.close()
     for sender in dispatcher.senders:
@@ -120,4 +120,4 @@ async def _every(seconds: float, hook) -> None:
         try:
             await hook()
         except Exception:
-            log.exception("periodic hook %s failed", hook.__qualname__)
+            log.exception("periodic hook %s failed", callable_name(hook))
