@@ -395,10 +395,13 @@ class Dispatcher:
         """One ring record per connection per loop iteration, split only when too big.
         The finished-request count goes on the last record, after the replies."""
         sender = self.senders[conn_id >> CONN_INDEX_SHIFT]
-        acks = box[1]
         # The ack count rides on the last record, after the replies it covers; past what
         # one record's field holds, the rest follow in records of their own.
-        answered = records.PACKETS | min(acks, records.MAX_ACKS) << records.ACK_SHIFT
+        acks = box[1]
+        extra = 0
+        if acks > records.MAX_ACKS:
+            acks, extra = records.MAX_ACKS, acks - records.MAX_ACKS
+        answered = records.PACKETS | acks << records.ACK_SHIFT
         if box[0] <= sender.max_payload:
             # One joined chunk: a single copy into the ring beats one per header and body.
             if not sender.send(answered, conn_id, b"".join(box[2:])):
@@ -414,10 +417,10 @@ class Dispatcher:
                     start, size = i, 0
                 size += packet_size
             self._send(conn_id, answered, b"".join(box[start:]))
-        acks -= records.MAX_ACKS
-        while acks > 0:
-            self._send(conn_id, records.PACKETS | min(acks, records.MAX_ACKS) << records.ACK_SHIFT, b"")
-            acks -= records.MAX_ACKS
+        while extra > 0:
+            acks = min(extra, records.MAX_ACKS)
+            self._send(conn_id, records.PACKETS | acks << records.ACK_SHIFT, b"")
+            extra -= acks
 
     def _send(self, conn_id: int, kind: int, payload: bytes | bytearray | memoryview) -> None:
         if not self.senders[conn_id >> CONN_INDEX_SHIFT].send(kind, conn_id, payload):
