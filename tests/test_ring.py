@@ -12,7 +12,7 @@ import time
 import uuid
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from aserver.ipc.channel import RingReceiver, RingSender
@@ -237,6 +237,11 @@ def test_full_ring_refuses_without_corruption(make_ring):
         ),
         max_size=150,
     ),
+)
+@example(  # a write refused after a wrap: the skipped tail must count as space in use
+    capacity=512, rewind_at=REWIND_AT,
+    ops=[("write", 0, 1), ("write", 73, 1), ("publish",), ("write", 0, 1), ("write", 0, 1), ("write", 1, 1),
+         ("read", 2), ("release",), ("write", 0, 1), ("fill", 89, 1), ("write", 0, 1)],
 )
 def test_interleaved_writes_and_reads_model(capacity, rewind_at, ops):
     """Random interleavings of writes, publishes, reads and releases over a small ring

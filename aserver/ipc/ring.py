@@ -191,7 +191,7 @@ class RingWriter(_RingSide):
         at += RECORD_HEADER_SIZE
         self._map[at : at + length] = payload
         self._write = write + need
-        self.unpublished += size  # a skipped tail is nothing to publish early for
+        self.unpublished += need  # a skipped tail too: `unpublished` is ring space in use
         self.records_written += 1
         return True
 
