@@ -55,7 +55,8 @@ def families(supervisor: Supervisor, totals: Totals, answers: list[tuple[Child, 
     connections = GaugeMetricFamily("aserver_connections", "Open client connections")
     in_flight = GaugeMetricFamily("aserver_requests_in_flight", "Requests received from clients and not answered yet")
     up = GaugeMetricFamily("aserver_child_up", "1 if the child answered this scrape", labels=["role", "index"])
-    fill = GaugeMetricFamily("aserver_ring_fill_bytes", "Bytes waiting in a shared-memory ring",
+    fill = GaugeMetricFamily("aserver_ring_fill_bytes", "Bytes of a shared-memory ring in use (records waiting, and a "
+                             "skipped end of the ring until the reader passes it)",
                              labels=["conn", "worker", "direction"])
     open_count = pending = 0
     for child, answer in answers:
