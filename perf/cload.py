@@ -11,7 +11,6 @@ its CPU time is the kernel's socket work and little is left in user space.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -89,23 +88,8 @@ def run(cfg: loadgen.LoadConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", default="127.0.0.1:7000", metavar="HOST:PORT")
-    parser.add_argument("-c", "--connections", type=int, default=50)
-    parser.add_argument("-d", "--depth", type=int, default=16, help="requests in flight per connection")
-    parser.add_argument("-b", "--body", type=int, default=64, help="body bytes per request")
-    parser.add_argument("-t", "--duration", type=float, default=5.0, help="measured seconds")
-    parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load before measuring")
-    parser.add_argument("--cmd", type=int, default=1, help="cmd_id (must be an echo command)")
-    parser.add_argument("-p", "--processes", type=int, default=1, help="client processes")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    args = parser.parse_args(argv)
-    host, port = loadgen.parse_target(args.target)
-    cfg = loadgen.LoadConfig(host, port, args.connections, args.depth, args.body, args.duration, args.warmup,
-                             args.cmd, args.processes)
-    result = run(cfg)
-    print(json.dumps(result, indent=2) if args.json else loadgen.format_result(result))
-    return 1 if result["errors"] else 0
+    """loadgen.py's command line, driving the C client."""
+    return loadgen.main(argv, client=run, description=__doc__)
 
 
 if __name__ == "__main__":

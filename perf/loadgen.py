@@ -28,6 +28,7 @@ import resource
 import struct
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import uvloop
@@ -401,8 +402,11 @@ def parse_target(value: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, client: Callable[[LoadConfig], dict] | None = None,
+         description: str = __doc__) -> int:
+    """The command line; `client` runs the load (default: this module's `run`; cload.py
+    passes the C client's)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="127.0.0.1:7000", metavar="HOST:PORT")
     parser.add_argument("-c", "--connections", type=int, default=50)
     parser.add_argument("-d", "--depth", type=int, default=16, help="requests in flight per connection")
@@ -416,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     host, port = parse_target(args.target)
     cfg = LoadConfig(host, port, args.connections, args.depth, args.body, args.duration, args.warmup,
                      args.cmd, args.processes)
-    result = run(cfg)
+    result = (client or run)(cfg)
     print(json.dumps(result, indent=2) if args.json else format_result(result))
     return 1 if result["errors"] else 0
 

@@ -74,9 +74,10 @@ class CountingTransport:
         pass
 
 
-async def measure(connections: int, depths: list[int], body: int, requests: int, profile: int | None) -> None:
+async def measure(connections: int, depths: list[int], body: int, requests: int, profile: int | None,
+                  ring_size: int) -> None:
     loop = asyncio.get_running_loop()
-    rings = RingSet(f"aserver-pathbench-{os.getpid()}", 1, 1, int(os.environ.get("RING", 8 * 1024 * 1024)))
+    rings = RingSet(f"aserver-pathbench-{os.getpid()}", 1, 1, ring_size)
     try:
         ((request_producer, reply_consumer),) = rings.for_conn(0)
         ((request_consumer, reply_producer),) = rings.for_worker(0)
@@ -135,9 +136,10 @@ def main() -> None:
     parser.add_argument("--body", type=int, default=64)
     parser.add_argument("--requests", type=int, default=200_000, help="requests per timed pass")
     parser.add_argument("--profile", type=int, help="cProfile one pass at this depth")
+    parser.add_argument("--ring-size", type=int, default=8 * 1024 * 1024, help="bytes per ring (ring.size)")
     args = parser.parse_args()
     uvloop.run(measure(args.connections, [int(d) for d in args.depths.split(",")], args.body, args.requests,
-                       args.profile))
+                       args.profile, args.ring_size))
 
 
 if __name__ == "__main__":

@@ -52,15 +52,14 @@ class Dispatcher:
             cmd: typed_handler(fn, *app.message_types[cmd], body_format) if cmd in app.message_types else fn
             for cmd, fn in app.handlers.items()
         }
-        # cmd -> the handler if it may run inline (sync), None if it is async
+        # cmd -> the handler if it may run inline (sync), None if it is async. The consumers
+        # use it too: a result is awaited when the handler is async, never because of
+        # what the result is.
         self.inline_handlers = {
             cmd: None if inspect.iscoroutinefunction(fn) else fn for cmd, fn in self.handlers.items()
         }
         fallback = app.fallback_handler
         self.inline_fallback = None if fallback is None or inspect.iscoroutinefunction(fallback) else fallback
-        # ids of the handlers whose result is awaited: decided per handler, never by what it
-        # returns (by id: a handler object need not be hashable).
-        self.awaited = {id(fn) for fn in [*self.handlers.values(), fallback] if inspect.iscoroutinefunction(fn)}
         self.codec = codec
         self._pack = codec.header.pack
         self.loop = loop
@@ -234,7 +233,8 @@ class Dispatcher:
         fallback = self.app.fallback_handler
         metrics = self.metrics
         answer = self._answer
-        awaited = self.awaited
+        inline = self.inline_handlers
+        inline_fallback = self.inline_fallback
         while True:
             conn = await ready.get()
             jobs = conn._jobs
@@ -254,7 +254,7 @@ class Dispatcher:
                 else:
                     try:
                         result = handler(Request(seq, cmd, status, user, body, conn))
-                        if id(handler) in awaited:
+                        if inline.get(cmd, inline_fallback) is None:  # an async handler
                             result = await result
                         if type(result) is not bytes and result is not None:
                             result = reply_parts(result)
