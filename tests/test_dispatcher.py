@@ -82,6 +82,16 @@ async def settle():
         await asyncio.sleep(0)
 
 
+async def serve_two(app: App, a: bytes, b: bytes) -> tuple[list, int, list, int]:
+    """One batch: a record for connection A, then one for B. Returns each connection's
+    replies and acks once everything ran and was flushed."""
+    d, sender = make(app)
+    d.on_records([(records.PACKETS, CONN_A, a), (records.PACKETS, CONN_B, b)])
+    await settle()
+    d._flush()
+    return (*replies_and_acks(sender, CONN_A), *replies_and_acks(sender, CONN_B))
+
+
 async def test_a_plain_function_returning_a_coroutine_fails_the_same_on_any_path():
     """Inline (idle connection) or queued behind an async request: HANDLER_ERROR both
     times. Whether the result is awaited is decided per handler, never by the result."""
@@ -122,16 +132,8 @@ async def test_a_bad_reply_from_a_sync_handler_fails_only_its_request(bad):
     def broken(request):
         return bad
 
-    d, sender = make(app)
-    batch = [
-        (records.PACKETS, CONN_A, run((1, 9, b""), (2, 1, b"after-in-same-record"))),
-        (records.PACKETS, CONN_B, run((1, 1, b"other connection"))),
-    ]
-    d.on_records(batch)
-    await settle()
-    d._flush()
-    a, acks_a = replies_and_acks(sender, CONN_A)
-    b, acks_b = replies_and_acks(sender, CONN_B)
+    a, acks_a, b, acks_b = await serve_two(
+        app, run((1, 9, b""), (2, 1, b"after-in-same-record")), run((1, 1, b"other connection")))
     assert acks_a == 2, f"conn A acks {acks_a} (replies {a})"
     assert [(seq, status) for seq, status, _ in a] == [(1, Status.HANDLER_ERROR), (2, 0)]
     assert acks_b == 1 and b and b[0][2] == b"other connection", f"conn B acks {acks_b} replies {b}"
@@ -149,15 +151,7 @@ async def test_a_handler_without_a_qualname_that_raises():
     def echo(request):
         return request.body
 
-    d, sender = make(app)
-    d.on_records([
-            (records.PACKETS, CONN_A, run((1, 3, b""))),
-            (records.PACKETS, CONN_B, run((1, 1, b"b"))),
-        ])
-    await settle()
-    d._flush()
-    a, acks_a = replies_and_acks(sender, CONN_A)
-    b, acks_b = replies_and_acks(sender, CONN_B)
+    a, acks_a, b, acks_b = await serve_two(app, run((1, 3, b"")), run((1, 1, b"b")))
     assert a and a[0][1] == Status.HANDLER_ERROR and acks_a == 1, (a, acks_a)
     assert acks_b == 1, (b, acks_b)
 
@@ -177,15 +171,7 @@ async def test_a_sync_handler_raising_cancelled_error():
     def echo(request):
         return request.body
 
-    d, sender = make(app)
-    d.on_records([
-            (records.PACKETS, CONN_A, run((1, 13, b""))),
-            (records.PACKETS, CONN_B, run((1, 1, b"b"))),
-        ])
-    await settle()
-    d._flush()
-    a, acks_a = replies_and_acks(sender, CONN_A)
-    b, acks_b = replies_and_acks(sender, CONN_B)
+    a, acks_a, b, acks_b = await serve_two(app, run((1, 13, b"")), run((1, 1, b"b")))
     assert a and a[0][1] == Status.HANDLER_ERROR and acks_a == 1, (a, acks_a)
     assert acks_b == 1, (b, acks_b)
 
@@ -229,15 +215,7 @@ async def test_a_str_reply_body_does_not_cost_other_connections_their_replies():
     def broken(request):
         return Reply("text")
 
-    d, sender = make(app)
-    d.on_records([
-            (records.PACKETS, CONN_A, run((1, 9, b""))),
-            (records.PACKETS, CONN_B, run((1, 1, b"b"))),
-        ])
-    await settle()
-    d._flush()
-    b, acks_b = replies_and_acks(sender, CONN_B)
-    a, acks_a = replies_and_acks(sender, CONN_A)
+    a, acks_a, b, acks_b = await serve_two(app, run((1, 9, b"")), run((1, 1, b"b")))
     assert acks_b == 1, (b, acks_b)
     assert acks_a == 1, (a, acks_a)
 
@@ -257,13 +235,7 @@ async def test_any_memoryview_body_is_sent_as_its_bytes(body, sent):
     app = App()
     app.handler(1)(echo)
     app.handler(9)(lambda request: body)
-    d, sender = make(app)
-    d.on_records([(records.PACKETS, CONN_A, run((1, 9, b""), (2, 1, b"next"))),
-                  (records.PACKETS, CONN_B, run((1, 1, b"other")))])
-    await settle()
-    d._flush()
-    a, acks_a = replies_and_acks(sender, CONN_A)
-    b, acks_b = replies_and_acks(sender, CONN_B)
+    a, acks_a, b, acks_b = await serve_two(app, run((1, 9, b""), (2, 1, b"next")), run((1, 1, b"other")))
     assert [(seq, bytes(got)) for seq, _, got in a] == [(1, sent), (2, b"next")] and acks_a == 2
     assert acks_b == 1 and bytes(b[0][2]) == b"other"
 
