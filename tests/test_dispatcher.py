@@ -15,7 +15,8 @@ import pytest
 
 from aserver.app import App, Reply, Request, Status
 from aserver.ipc import records
-from aserver.protocol import HEADER_SIZE, PacketCodec
+from aserver.protocol import HEADER_SIZE, ByteOrder, PacketCodec
+from aserver.worker import dispatcher as dispatcher_module
 from aserver.worker.dispatcher import Dispatcher
 
 codec = PacketCodec()
@@ -53,11 +54,25 @@ def run(*packets):
     return b"".join(codec.encode(cmd, body, seq_num=seq) for seq, cmd, body in packets)
 
 
-def make(app, concurrency=4):
+INLINE_LOOP = ["c"]  # which inline loop make() sets up: the fixture below picks
+
+
+@pytest.fixture(autouse=True, params=["c", "python"])
+def inline_loop(request):
+    """Every test here runs on both inline loops: the C one (_inline.c) and Python's."""
+    if request.param == "c" and dispatcher_module._c_inline is None:
+        pytest.skip("the C inline loop was not built here (no C compiler at install time)")
+    INLINE_LOOP[0] = request.param
+
+
+def make(app, concurrency=4, packet_codec=codec):
     loop = asyncio.get_running_loop()
-    d = Dispatcher(app, codec, loop, concurrency, 1000)
+    d = Dispatcher(app, packet_codec, loop, concurrency, 1000)
     sender = FakeSender()
     d.attach([sender], [FakeReceiver()])
+    if INLINE_LOOP[0] == "python":
+        d._fast_inline = None
+    assert (d._fast_inline is not None) == (INLINE_LOOP[0] == "c")
     d.start()
     return d, sender
 
@@ -307,3 +322,30 @@ async def test_a_typed_sync_handler_returning_a_coroutine(caplog):
     assert any("declare it `async def`" in reason for reason in reasons), reasons
     a, acks = replies_and_acks(sender, CONN_A)
     assert [status for _, status, _ in a] == [Status.HANDLER_ERROR] and acks == 1
+
+
+async def test_network_byte_order_headers_are_read_and_written_in_it():
+    """Every header field, both ways, in network byte order (the C loop packs and unpacks
+    headers itself): values chosen so that a byte-order mix-up changes them."""
+    network = PacketCodec(ByteOrder.NETWORK)
+    app = App()
+
+    @app.handler(0x0102)
+    def tagged(request):
+        assert request.status_code == 0x01020304
+        return request.body + request.user_id.to_bytes(4, "big")
+
+    d, sender = make(app, packet_codec=network)
+    packets = [network.encode(0x0102, b"x" * n, seq_num=0x0A0B0C00 + n, status_code=0x01020304,
+                              user_id=0x11223344 + n) for n in range(3)]
+    d.on_records([(records.PACKETS, CONN_A, b"".join(packets))])
+    d._flush()
+    (kind, conn_id, payload), = sender.sent
+    assert (conn_id, kind >> records.ACK_SHIFT) == (CONN_A, 3)
+    pos, got = 0, []
+    while pos < len(payload):
+        length, seq, cmd, status, user = network.header.unpack_from(payload, pos)
+        got.append((seq, cmd, status, user, payload[pos + HEADER_SIZE : pos + length]))
+        pos += length
+    assert got == [(0x0A0B0C00 + n, 0x0102, 0, 0x11223344 + n, b"x" * n + (0x11223344 + n).to_bytes(4, "big"))
+                   for n in range(3)]

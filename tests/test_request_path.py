@@ -11,6 +11,7 @@ import pytest
 from aserver import Status
 from aserver.client import Client
 from aserver.protocol import HEADER_SIZE, PacketCodec
+from aserver.testing import ServerProcess
 
 from conftest import MAX_PACKET
 from probe_service import BAD_RETURN, CLOSE_ME, ECHO, FAIL, HIDDEN_ASYNC, SLOW_ECHO, STATUS, TRIPLE, WHO
@@ -187,3 +188,19 @@ async def test_handler_hit_by_a_foreign_cancellation_gets_an_error_reply(server)
             reply = await client.call(13, b"", timeout=5)
             assert reply.status_code == Status.HANDLER_ERROR
         assert (await client.call(ECHO, b"still served", timeout=5)).body == b"still served"
+
+
+async def test_the_pure_python_path_serves_the_same() -> None:
+    """ASERVER_PURE_PYTHON=1: the server runs without its C modules (as where none could
+    be built) and still answers every request, in order, over several connections."""
+    with ServerProcess(env={"ASERVER_PURE_PYTHON": "1"}) as server:
+        assert "pure Python" in server.wait_for_log("aserver ready")
+        clients = [await Client.connect(*server.address) for _ in range(3)]
+        try:
+            batches = [[(1, os.urandom(i % 300), i) for i in range(400)] for _ in clients]
+            replies = await asyncio.gather(*(c.call_many(b, timeout=10) for c, b in zip(clients, batches, strict=True)))
+        finally:
+            for client in clients:
+                await client.close()
+    for batch, got in zip(batches, replies, strict=True):
+        assert [(r.status_code, r.body, r.user_id) for r in got] == [(0, body, user) for _, body, user in batch]

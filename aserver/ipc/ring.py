@@ -33,14 +33,18 @@ sides also poll on a slow timer as a safety net.
 from __future__ import annotations
 
 import os
-import struct
 import threading
 from multiprocessing import shared_memory
 
-DATA_OFFSET = 384
-RECORD_HEADER = struct.Struct("<IIQ")
-RECORD_HEADER_SIZE = RECORD_HEADER.size  # 16
-KIND_WRAP = 0xFFFFFFFF
+from aserver.ipc import ring_core
+from aserver.ipc.ring_core import DATA_OFFSET, KIND_WRAP, RECORD_HEADER, RECORD_HEADER_SIZE
+from aserver.ipc.ring_core import max_payload as max_payload  # part of this module's API
+from aserver.native import native
+
+# The per-record steps in C when they were built (see ring_core.py).
+_c_core = native("aserver.ipc._ring_core")
+CORE = "python" if _c_core is None else "c"
+ReaderCore, WriterCore = (_c_core or ring_core).ReaderCore, (_c_core or ring_core).WriterCore
 
 _CAPACITY, _WRITE_POS, _READ_POS, _READER_SLEEPING, _WRITER_WAITING, _RECORDS_READ = 0, 8, 16, 24, 32, 40
 
@@ -55,12 +59,6 @@ def fence() -> None:
 
 def record_size(payload_len: int) -> int:
     return (RECORD_HEADER_SIZE + payload_len + 7) & ~7
-
-
-def max_payload(capacity: int) -> int:
-    """Largest payload one record may carry: a quarter of the ring, so that an empty ring
-    always has room for it whatever the current offset."""
-    return capacity // 4 - RECORD_HEADER_SIZE
 
 
 def create_segment(name: str, capacity: int) -> shared_memory.SharedMemory:
@@ -111,24 +109,25 @@ def count_records(buf: memoryview, capacity: int, read: int, write: int) -> int:
 
 
 class _RingSide:
+    """What both ends share; the per-record step and the positions are in the core
+    (ReaderCore or WriterCore), the first base class."""
+
+    capacity: int
+    max_payload: int
+
     def __init__(self, shm: shared_memory.SharedMemory) -> None:
         self._shm = shm  # keeps the mapping alive as long as the views below
         self._buf = shm.buf
-        # Slicing the mmap itself copies in or out in one step; a memoryview slice
-        # would first make a view object (a third of the cost of a small record).
-        self._map = shm._mmap
         self._words = shm.buf.cast("Q")
-        self.capacity = self._words[_CAPACITY]
-        self.max_payload = max_payload(self.capacity)
 
     def fill(self) -> int:
         """Bytes currently in the ring (both positions as published)."""
         return self._words[_WRITE_POS] - self._words[_READ_POS]
 
     def close(self) -> None:
+        self.detach()
         self._words.release()
         self._buf = None
-        self._map = None
         self._shm.close()
 
 
@@ -136,8 +135,8 @@ class _RingSide:
 REWIND_AT = 256 * 1024
 
 
-class RingWriter(_RingSide):
-    """Producer end. `write` copies a record in; `publish` makes written records visible.
+class RingWriter(WriterCore, _RingSide):
+    """Producer end. `try_write` copies a record in; `publish` makes written records visible.
 
     Callers batch: write many records, publish once per event-loop iteration (or early,
     once `unpublished` grows), so the consumer sees them with one wakeup.
@@ -146,7 +145,8 @@ class RingWriter(_RingSide):
     def __init__(
         self, shm: shared_memory.SharedMemory, wake_fd: int, space_fd: int, rewind_at: int = REWIND_AT
     ) -> None:
-        super().__init__(shm)
+        WriterCore.__init__(self, shm)
+        _RingSide.__init__(self, shm)
         self.rewind_at = rewind_at
         self.wake_fd = wake_fd  # data pipe, write end: wakes the consumer
         self.space_fd = space_fd  # space pipe, read end: the consumer says there is room
@@ -160,40 +160,6 @@ class RingWriter(_RingSide):
         self.records_written = self._words[_RECORDS_READ] + count_records(
             self._buf, self.capacity, self._words[_READ_POS], self._write
         )
-
-    def try_write(self, kind: int, conn_id: int, payload: bytes | bytearray | memoryview) -> bool:
-        """Copy one record in, or return False when there is no room (nothing written)."""
-        length = len(payload)
-        if length > self.max_payload:
-            raise ValueError(f"record of {length} bytes exceeds ring limit {self.max_payload}")
-        size = (RECORD_HEADER_SIZE + length + 7) & ~7
-        capacity = self.capacity
-        write = self._write
-        offset = write % capacity
-        tail = capacity - offset
-        if size > tail:
-            need = tail + size
-        elif offset >= self.rewind_at and size <= offset and self._words[_READ_POS] == write:
-            self._read = write  # everything was consumed: back to the (cache-warm) front
-            need = tail + size
-        else:
-            need = size
-        if need > capacity - (write - self._read):
-            self._read = self._words[_READ_POS]
-            if need > capacity - (write - self._read):
-                return False
-        if need != size:
-            if tail >= RECORD_HEADER_SIZE:
-                RECORD_HEADER.pack_into(self._buf, DATA_OFFSET + offset, 0, KIND_WRAP, 0)
-            offset = 0
-        at = DATA_OFFSET + offset
-        RECORD_HEADER.pack_into(self._buf, at, length, kind, conn_id)
-        at += RECORD_HEADER_SIZE
-        self._map[at : at + length] = payload
-        self._write = write + need
-        self.unpublished += need  # a skipped tail too: `unpublished` is ring space in use
-        self.records_written += 1
-        return True
 
     def publish(self) -> None:
         """Make written records visible; wake the consumer if it sleeps."""
@@ -243,46 +209,17 @@ class RingWriter(_RingSide):
         self._read = self._words[_READ_POS]
 
 
-class RingReader(_RingSide):
+class RingReader(ReaderCore, _RingSide):
     """Consumer end. `read_batch` returns records; `release` frees their space."""
 
     def __init__(self, shm: shared_memory.SharedMemory, wake_fd: int, space_fd: int) -> None:
-        super().__init__(shm)
+        ReaderCore.__init__(self, shm)
+        _RingSide.__init__(self, shm)
         self.wake_fd = wake_fd  # data pipe, read end
         self.space_fd = space_fd  # space pipe, write end
         self._read = self._words[_READ_POS]
         self._records_read = self._words[_RECORDS_READ]
         self._words[_READER_SLEEPING] = 0
-
-    def read_batch(self, limit: int) -> list[tuple[int, int, bytes]]:
-        """Copy out up to `limit` records as (kind, conn_id, payload); does not free them."""
-        words = self._words
-        write = words[_WRITE_POS]
-        read = self._read
-        if read == write:
-            return []
-        buf = self._buf
-        mapped = self._map
-        capacity = self.capacity
-        unpack = RECORD_HEADER.unpack_from
-        records = []
-        while read < write and len(records) < limit:
-            offset = read % capacity
-            tail = capacity - offset
-            if tail < RECORD_HEADER_SIZE:
-                read += tail
-                continue
-            at = DATA_OFFSET + offset
-            length, kind, conn_id = unpack(buf, at)
-            if kind == KIND_WRAP:
-                read += tail
-                continue
-            start = at + RECORD_HEADER_SIZE
-            records.append((kind, conn_id, mapped[start : start + length]))
-            read += (RECORD_HEADER_SIZE + length + 7) & ~7
-        self._read = read
-        self._records_read += len(records)
-        return records
 
     def skip_unread(self) -> None:
         """Drop every published record unread (their producer is gone)."""

@@ -24,7 +24,7 @@ import aiomultiprocess
 import setproctitle
 import uvloop
 
-from aserver import logs
+from aserver import logs, native
 from aserver.conn.process import conn_process
 from aserver.metrics import ChildCounters
 from aserver.settings import Settings, SettingsError, load, reload_merge
@@ -196,7 +196,8 @@ class Supervisor:
             return 2
         ready = (
             f"aserver ready: listening on {bound[0]}:{bound[1]} ({self.conn_count} conn "
-            f"process{'' if self.conn_count == 1 else 'es'}, {self.worker_count} workers, pid {os.getpid()})"
+            f"process{'' if self.conn_count == 1 else 'es'}, {self.worker_count} workers, pid {os.getpid()}; "
+            f"{native.describe()})"
         )
         logs.announce(log, ready)  # also on stderr when logging to files: tests and scripts wait for it
         systemd.notify("READY=1", f"STATUS=listening on {bound[0]}:{bound[1]}", f"MAINPID={os.getpid()}")

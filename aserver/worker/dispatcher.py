@@ -24,12 +24,16 @@ from aserver.ipc import records
 from aserver.ipc.channel import RingReceiver, RingSender
 from aserver.ipc.records import CONN_INDEX_SHIFT
 from aserver.metrics import WorkerMetrics
-from aserver.protocol import HEADER_SIZE, PacketCodec
+from aserver.native import native
+from aserver.protocol import HEADER_SIZE, ByteOrder, PacketCodec
 from aserver.typed import BodyFormat, typed_handler
 from aserver.worker.connection import Connection
 from aserver.worker.ready_queue import ReadyQueue
 
 log = logging.getLogger("aserver.worker")
+
+# _run_inline's common case in C when it was built (see _inline.c).
+_c_inline = native("aserver.worker._inline")
 
 
 _CONNECT = object()
@@ -81,11 +85,19 @@ class Dispatcher:
         # Latency and replies by cmd_id for the Prometheus endpoint; None when metrics are
         # off, and then the request path reads no clock.
         self.metrics = metrics
+        self._fast_inline = None  # set by attach
 
     def attach(self, senders: list[RingSender], receivers: list[RingReceiver]) -> None:
         self.senders = senders
         self.receivers = receivers
         self.max_reply = min(sender.max_payload for sender in senders)
+        # Not with metrics on: they time each request, which the C loop does not.
+        if _c_inline is not None and self.metrics is None:
+            self._fast_inline = _c_inline.InlineRunner(
+                handlers=self.inline_handlers, fallback=self.inline_fallback, outbox=self._outbox,
+                new_box=self._new_box, request_type=Request, cancelled=asyncio.CancelledError,
+                big_endian=self.codec.byte_order is ByteOrder.NETWORK, max_body=self.max_reply - HEADER_SIZE,
+            )
 
     def start(self) -> None:
         self._consumers = [asyncio.ensure_future(self._consume()) for _ in range(self.concurrency)]
@@ -170,6 +182,18 @@ class Dispatcher:
     def _run_inline(self, conn: Connection, payload: bytes) -> int:
         """Run the record's requests with sync handlers, in order, until one needs a
         consumer task (async handler, or none at all). Returns where that one starts."""
+        fast = self._fast_inline
+        if fast is not None:
+            pos = count = 0
+            while True:
+                pos, ran, unusual = fast.run(conn, payload, pos)
+                count += ran
+                if unusual is None:
+                    break
+                self._answer_unusual(conn, *unusual)
+                count += 1
+            self.stats["requests"] += count
+            return pos
         unpack = self.codec.header.unpack_from
         inline = self.inline_handlers
         fallback = self.inline_fallback
@@ -199,6 +223,19 @@ class Dispatcher:
             count += 1
         self.stats["requests"] += count
         return pos
+
+    def _answer_unusual(self, conn: Connection, seq: int, cmd: int, user: int, handler,
+                        result: object, exc: BaseException | None) -> None:
+        """A request the C loop ran and hands back: it failed, or its result is not plain
+        bytes that fit, or its connection closed meanwhile."""
+        if exc is None and type(result) is not bytes and result is not None:
+            try:
+                result = reply_parts(result)
+            except Exception as error:
+                exc = error
+        if exc is not None:
+            result = self._failed(conn, seq, cmd, handler, exc)
+        self._answer(conn, seq, cmd, user, result)
 
     def _adopt(self, conn_id: int, peer: tuple[str, int]) -> Connection:
         conn = self.connections.get(conn_id)

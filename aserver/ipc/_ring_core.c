@@ -1,0 +1,292 @@
+/* The two per-record steps of a ring, in C: RingWriter.try_write and RingReader.read_batch.
+ *
+ * ring_core.py is the same code in Python (the fallback when no C compiler was there at
+ * install time) and the description of what these do; the layout is in ring.py. Each
+ * side's positions live in this object, as attributes ring.py reads and sets. Only the
+ * other side's published position is read from shared memory, with an acquire load, so
+ * the record bytes are read after the position that says they are complete.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <stdint.h>
+#include <string.h>
+
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "records are little-endian and copied as native words; use ring_core.py on this host"
+#endif
+
+#define DATA_OFFSET 384
+#define HEADER_SIZE 16
+#define KIND_WRAP 0xFFFFFFFFu
+#define WORD_WRITE_POS 8
+#define WORD_READ_POS 16
+
+typedef struct {
+    uint32_t length;
+    uint32_t kind;
+    uint64_t conn_id;
+} RecordHeader;
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view; /* the whole segment; released by detach() */
+    char *base;
+    unsigned long long capacity;
+    unsigned long long position; /* _write or _read: this side's own position */
+    unsigned long long other;    /* writer: _read, the consumer's position as last seen */
+    unsigned long long unpublished;
+    unsigned long long records; /* writer: records_written; reader: _records_read */
+    unsigned long long rewind_at;
+    Py_ssize_t max_payload;
+} Core;
+
+static uint64_t load_word(const Core *self, int index) {
+    return __atomic_load_n((uint64_t *)self->base + index, __ATOMIC_ACQUIRE);
+}
+
+/* __init__(shm): attach to a SharedMemory's buffer. */
+static int core_init(Core *self, PyObject *args, PyObject *kwds) {
+    PyObject *shm;
+    if (!PyArg_ParseTuple(args, "O", &shm)) return -1;
+    if (self->base != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "ring core already attached");
+        return -1;
+    }
+    PyObject *buffer = PyObject_GetAttrString(shm, "buf");
+    if (buffer == NULL) return -1;
+    int failed = PyObject_GetBuffer(buffer, &self->view, PyBUF_WRITABLE) < 0;
+    Py_DECREF(buffer);
+    if (failed) return -1;
+    if (self->view.len < DATA_OFFSET) {
+        PyBuffer_Release(&self->view);
+        PyErr_SetString(PyExc_ValueError, "segment smaller than a ring header");
+        return -1;
+    }
+    self->base = self->view.buf;
+    self->capacity = load_word(self, 0);
+    if (self->capacity == 0 || (unsigned long long)self->view.len < DATA_OFFSET + self->capacity) {
+        PyBuffer_Release(&self->view);
+        self->base = NULL;
+        PyErr_SetString(PyExc_ValueError, "segment does not hold the capacity its header says");
+        return -1;
+    }
+    self->max_payload = (Py_ssize_t)(self->capacity / 4) - HEADER_SIZE;
+    return 0;
+}
+
+static PyObject *core_detach(Core *self, PyObject *unused) {
+    if (self->base != NULL) {
+        self->base = NULL;
+        PyBuffer_Release(&self->view);
+    }
+    Py_RETURN_NONE;
+}
+
+static void core_dealloc(Core *self) {
+    if (self->base != NULL) PyBuffer_Release(&self->view);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int attached(const Core *self) {
+    if (self->base == NULL) {
+        PyErr_SetString(PyExc_ValueError, "ring is closed");
+        return 0;
+    }
+    return 1;
+}
+
+/* try_write(kind, conn_id, payload) -> bool */
+static PyObject *writer_try_write(Core *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "try_write(kind, conn_id, payload)");
+        return NULL;
+    }
+    if (!attached(self)) return NULL;
+    unsigned long long kind = PyLong_AsUnsignedLongLong(args[0]);
+    if (kind == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    if (kind > 0xFFFFFFFFull) {
+        PyErr_SetString(PyExc_OverflowError, "record kind does not fit in 32 bits");
+        return NULL;
+    }
+    unsigned long long conn_id = PyLong_AsUnsignedLongLong(args[1]);
+    if (conn_id == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    Py_buffer payload;
+    if (PyObject_GetBuffer(args[2], &payload, PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    PyObject *result = NULL;
+    if (payload.len > self->max_payload) {
+        PyErr_Format(PyExc_ValueError, "record of %zd bytes exceeds ring limit %zd", payload.len,
+                     self->max_payload);
+        goto done;
+    }
+    unsigned long long length = (unsigned long long)payload.len;
+    unsigned long long size = (HEADER_SIZE + length + 7) & ~7ull;
+    unsigned long long capacity = self->capacity;
+    unsigned long long write = self->position;
+    unsigned long long offset = write % capacity;
+    unsigned long long tail = capacity - offset;
+    unsigned long long need = size;
+    if (size > tail) {
+        need = tail + size;
+    } else if (offset >= self->rewind_at && size <= offset && load_word(self, WORD_READ_POS) == write) {
+        self->other = write; /* everything was consumed: back to the (cache-warm) front */
+        need = tail + size;
+    }
+    if (need > capacity - (write - self->other)) {
+        self->other = load_word(self, WORD_READ_POS);
+        if (need > capacity - (write - self->other)) {
+            result = Py_False;
+            Py_INCREF(result);
+            goto done;
+        }
+    }
+    if (need != size) {
+        if (tail >= HEADER_SIZE) {
+            RecordHeader wrap = {0, KIND_WRAP, 0};
+            memcpy(self->base + DATA_OFFSET + offset, &wrap, HEADER_SIZE);
+        }
+        offset = 0;
+    }
+    char *at = self->base + DATA_OFFSET + offset;
+    RecordHeader header = {(uint32_t)length, (uint32_t)kind, conn_id};
+    memcpy(at, &header, HEADER_SIZE);
+    memcpy(at + HEADER_SIZE, payload.buf, length);
+    self->position = write + need;
+    self->unpublished += need;
+    self->records += 1;
+    result = Py_True;
+    Py_INCREF(result);
+done:
+    PyBuffer_Release(&payload);
+    return result;
+}
+
+/* read_batch(limit) -> [(kind, conn_id, payload bytes), ...] */
+static PyObject *reader_read_batch(Core *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 1) {
+        PyErr_SetString(PyExc_TypeError, "read_batch(limit)");
+        return NULL;
+    }
+    if (!attached(self)) return NULL;
+    Py_ssize_t limit = PyLong_AsSsize_t(args[0]);
+    if (limit == -1 && PyErr_Occurred()) return NULL;
+    PyObject *records = PyList_New(0);
+    if (records == NULL) return NULL;
+    unsigned long long write = load_word(self, WORD_WRITE_POS);
+    unsigned long long read = self->position;
+    unsigned long long capacity = self->capacity;
+    Py_ssize_t count = 0;
+    while (read < write && count < limit) {
+        unsigned long long offset = read % capacity;
+        unsigned long long tail = capacity - offset;
+        if (tail < HEADER_SIZE) {
+            read += tail;
+            continue;
+        }
+        const char *at = self->base + DATA_OFFSET + offset;
+        RecordHeader header;
+        memcpy(&header, at, HEADER_SIZE);
+        if (header.kind == KIND_WRAP) {
+            read += tail;
+            continue;
+        }
+        if (header.length > tail - HEADER_SIZE) {
+            Py_DECREF(records);
+            return PyErr_Format(PyExc_RuntimeError, "corrupt ring record at offset %llu", offset);
+        }
+        PyObject *record = PyTuple_New(3);
+        if (record == NULL) goto fail;
+        PyTuple_SET_ITEM(record, 0, PyLong_FromUnsignedLong(header.kind));
+        PyTuple_SET_ITEM(record, 1, PyLong_FromUnsignedLongLong(header.conn_id));
+        PyTuple_SET_ITEM(record, 2, PyBytes_FromStringAndSize(at + HEADER_SIZE, header.length));
+        if (PyTuple_GET_ITEM(record, 0) == NULL || PyTuple_GET_ITEM(record, 1) == NULL ||
+            PyTuple_GET_ITEM(record, 2) == NULL || PyList_Append(records, record) < 0) {
+            Py_DECREF(record);
+            goto fail;
+        }
+        Py_DECREF(record);
+        read += (HEADER_SIZE + header.length + 7) & ~7ull;
+        count += 1;
+    }
+    self->position = read;
+    self->records += count;
+    return records;
+fail:
+    Py_DECREF(records);
+    return NULL;
+}
+
+static PyMethodDef writer_methods[] = {
+    {"try_write", (PyCFunction)(void (*)(void))writer_try_write, METH_FASTCALL,
+     "Copy one record in, or return False when there is no room (nothing written)."},
+    {"detach", (PyCFunction)core_detach, METH_NOARGS, "Let go of the segment's buffer (before it is closed)."},
+    {NULL},
+};
+
+static PyMethodDef reader_methods[] = {
+    {"read_batch", (PyCFunction)(void (*)(void))reader_read_batch, METH_FASTCALL,
+     "Copy out up to `limit` records as (kind, conn_id, payload); does not free them."},
+    {"detach", (PyCFunction)core_detach, METH_NOARGS, "Let go of the segment's buffer (before it is closed)."},
+    {NULL},
+};
+
+static PyMemberDef writer_members[] = {
+    {"capacity", T_ULONGLONG, offsetof(Core, capacity), READONLY, NULL},
+    {"max_payload", T_PYSSIZET, offsetof(Core, max_payload), READONLY, NULL},
+    {"rewind_at", T_ULONGLONG, offsetof(Core, rewind_at), 0, NULL},
+    {"_write", T_ULONGLONG, offsetof(Core, position), 0, NULL},
+    {"_read", T_ULONGLONG, offsetof(Core, other), 0, NULL},
+    {"unpublished", T_ULONGLONG, offsetof(Core, unpublished), 0, NULL},
+    {"records_written", T_ULONGLONG, offsetof(Core, records), 0, NULL},
+    {NULL},
+};
+
+static PyMemberDef reader_members[] = {
+    {"capacity", T_ULONGLONG, offsetof(Core, capacity), READONLY, NULL},
+    {"max_payload", T_PYSSIZET, offsetof(Core, max_payload), READONLY, NULL},
+    {"_read", T_ULONGLONG, offsetof(Core, position), 0, NULL},
+    {"_records_read", T_ULONGLONG, offsetof(Core, records), 0, NULL},
+    {NULL},
+};
+
+static PyTypeObject WriterCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "aserver.ipc._ring_core.WriterCore",
+    .tp_basicsize = sizeof(Core),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "Producer end's per-record step (see ring_core.WriterCore).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)core_init,
+    .tp_dealloc = (destructor)core_dealloc,
+    .tp_methods = writer_methods,
+    .tp_members = writer_members,
+};
+
+static PyTypeObject ReaderCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "aserver.ipc._ring_core.ReaderCore",
+    .tp_basicsize = sizeof(Core),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "Consumer end's per-record step (see ring_core.ReaderCore).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)core_init,
+    .tp_dealloc = (destructor)core_dealloc,
+    .tp_methods = reader_methods,
+    .tp_members = reader_members,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "aserver.ipc._ring_core", "Ring record copy in C (see ring_core.py).", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__ring_core(void) {
+    if (PyType_Ready(&WriterCoreType) < 0 || PyType_Ready(&ReaderCoreType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    Py_INCREF(&WriterCoreType);
+    Py_INCREF(&ReaderCoreType);
+    if (PyModule_AddObject(m, "WriterCore", (PyObject *)&WriterCoreType) < 0 ||
+        PyModule_AddObject(m, "ReaderCore", (PyObject *)&ReaderCoreType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,120 @@
+"""The two per-record steps of a ring: `WriterCore.try_write` and `ReaderCore.read_batch`.
+
+`_ring_core.c` is the same in C, built at install time when a C compiler is there, and
+ring.py uses that when it can (about 5x less time per record); this module is the
+fallback and the readable description. Both keep each side's own position (and the
+writer's last view of the reader's) in the object; ring.py publishes them. Layout and
+wakeup rules: ring.py.
+"""
+
+from __future__ import annotations
+
+import struct
+from multiprocessing import shared_memory
+
+DATA_OFFSET = 384
+RECORD_HEADER = struct.Struct("<IIQ")
+RECORD_HEADER_SIZE = RECORD_HEADER.size  # 16
+KIND_WRAP = 0xFFFFFFFF
+WORD_CAPACITY, WORD_WRITE_POS, WORD_READ_POS = 0, 8, 16
+
+
+def max_payload(capacity: int) -> int:
+    """Largest payload one record may carry: a quarter of the ring, so that an empty ring
+    always has room for it whatever the current offset."""
+    return capacity // 4 - RECORD_HEADER_SIZE
+
+
+class _Core:
+    def __init__(self, shm: shared_memory.SharedMemory) -> None:
+        self._seg_buf = shm.buf
+        # Slicing the mmap itself copies in or out in one step; a memoryview slice
+        # would first make a view object (a third of the cost of a small record).
+        self._seg_map = shm._mmap  # type: ignore[attr-defined]
+        self._seg_words = shm.buf.cast("Q")
+        self.capacity = self._seg_words[WORD_CAPACITY]
+        self.max_payload = max_payload(self.capacity)
+
+    def detach(self) -> None:
+        """Let go of the segment's buffer (before it is closed)."""
+        self._seg_words.release()
+
+
+class WriterCore(_Core):
+    def __init__(self, shm: shared_memory.SharedMemory) -> None:
+        super().__init__(shm)
+        self.rewind_at = 0
+        self._write = 0  # our position, published by ring.py
+        self._read = 0  # the consumer's position as we last read it
+        self.unpublished = 0
+        self.records_written = 0
+
+    def try_write(self, kind: int, conn_id: int, payload: bytes | bytearray | memoryview) -> bool:
+        """Copy one record in, or return False when there is no room (nothing written)."""
+        length = len(payload)
+        if length > self.max_payload:
+            raise ValueError(f"record of {length} bytes exceeds ring limit {self.max_payload}")
+        size = (RECORD_HEADER_SIZE + length + 7) & ~7
+        capacity = self.capacity
+        write = self._write
+        offset = write % capacity
+        tail = capacity - offset
+        if size > tail:
+            need = tail + size
+        elif offset >= self.rewind_at and size <= offset and self._seg_words[WORD_READ_POS] == write:
+            self._read = write  # everything was consumed: back to the (cache-warm) front
+            need = tail + size
+        else:
+            need = size
+        if need > capacity - (write - self._read):
+            self._read = self._seg_words[WORD_READ_POS]
+            if need > capacity - (write - self._read):
+                return False
+        if need != size:
+            if tail >= RECORD_HEADER_SIZE:
+                RECORD_HEADER.pack_into(self._seg_buf, DATA_OFFSET + offset, 0, KIND_WRAP, 0)
+            offset = 0
+        at = DATA_OFFSET + offset
+        RECORD_HEADER.pack_into(self._seg_buf, at, length, kind, conn_id)
+        at += RECORD_HEADER_SIZE
+        self._seg_map[at : at + length] = payload
+        self._write = write + need
+        self.unpublished += need  # a skipped tail too: `unpublished` is ring space in use
+        self.records_written += 1
+        return True
+
+
+class ReaderCore(_Core):
+    def __init__(self, shm: shared_memory.SharedMemory) -> None:
+        super().__init__(shm)
+        self._read = 0  # our position, published by ring.py
+        self._records_read = 0
+
+    def read_batch(self, limit: int) -> list[tuple[int, int, bytes]]:
+        """Copy out up to `limit` records as (kind, conn_id, payload); does not free them."""
+        write = self._seg_words[WORD_WRITE_POS]
+        read = self._read
+        if read == write:
+            return []
+        buf = self._seg_buf
+        mapped = self._seg_map
+        capacity = self.capacity
+        unpack = RECORD_HEADER.unpack_from
+        records = []
+        while read < write and len(records) < limit:
+            offset = read % capacity
+            tail = capacity - offset
+            if tail < RECORD_HEADER_SIZE:
+                read += tail
+                continue
+            at = DATA_OFFSET + offset
+            length, kind, conn_id = unpack(buf, at)
+            if kind == KIND_WRAP:
+                read += tail
+                continue
+            start = at + RECORD_HEADER_SIZE
+            records.append((kind, conn_id, mapped[start : start + length]))
+            read += (RECORD_HEADER_SIZE + length + 7) & ~7
+        self._read = read
+        self._records_read += len(records)
+        return records

@@ -1,0 +1,305 @@
+/* The worker's inline loop for the common case, in C (see Dispatcher._run_inline).
+ *
+ * InlineRunner.run(conn, payload, pos) walks the record's packets from `pos`: for each
+ * one with a sync handler it builds the Request, calls the handler and, when the result
+ * is bytes that fit (or None), packs the reply into the connection's box exactly as
+ * Dispatcher._answer does. It returns (pos, ran, unusual):
+ *   - unusual is None: it stopped at `pos` because that packet's handler is async (or
+ *     there is none), or at the end of the record;
+ *   - otherwise the packet before `pos` ran and needs Python to answer it:
+ *     unusual = (seq, cmd, user, handler, result, exception), one of the last two None.
+ * Python handles every unusual case (errors, Reply objects, closed connections, replies
+ * too big) and calls run() again, so the C side has no policy of its own.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define HEADER_SIZE 18
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *handlers;      /* dict: cmd -> sync handler, or None if async */
+    PyObject *fallback;      /* sync fallback handler or None */
+    PyObject *outbox;        /* dict: conn_id -> box */
+    PyObject *new_box;       /* callable(conn_id) -> box */
+    PyObject *request_type;  /* aserver.app.Request */
+    PyObject *cancelled;     /* asyncio.CancelledError */
+    PyObject *closed_name;   /* "closed" */
+    PyObject *id_name;       /* "id" */
+    int big_endian;
+    Py_ssize_t max_body;
+} Runner;
+
+static uint32_t get_u32(const unsigned char *p, int big) {
+    return big ? ((uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3])
+               : ((uint32_t)p[3] << 24 | (uint32_t)p[2] << 16 | (uint32_t)p[1] << 8 | p[0]);
+}
+
+static uint16_t get_u16(const unsigned char *p, int big) {
+    return big ? (uint16_t)(p[0] << 8 | p[1]) : (uint16_t)(p[1] << 8 | p[0]);
+}
+
+static void put_u32(unsigned char *p, uint32_t v, int big) {
+    for (int i = 0; i < 4; i++) p[big ? 3 - i : i] = (unsigned char)(v >> (8 * i));
+}
+
+static void put_u16(unsigned char *p, uint16_t v, int big) {
+    p[big ? 1 : 0] = (unsigned char)v;
+    p[big ? 0 : 1] = (unsigned char)(v >> 8);
+}
+
+static int runner_init(Runner *self, PyObject *args, PyObject *kwds) {
+    static char *names[] = {"handlers", "fallback", "outbox", "new_box", "request_type", "cancelled",
+                            "big_endian", "max_body", NULL};
+    PyObject *handlers, *fallback, *outbox, *new_box, *request_type, *cancelled;
+    int big_endian;
+    Py_ssize_t max_body;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OO!OOOpn", names, &PyDict_Type, &handlers, &fallback,
+                                     &PyDict_Type, &outbox, &new_box, &request_type, &cancelled, &big_endian,
+                                     &max_body))
+        return -1;
+    Py_XSETREF(self->handlers, Py_NewRef(handlers));
+    Py_XSETREF(self->fallback, Py_NewRef(fallback));
+    Py_XSETREF(self->outbox, Py_NewRef(outbox));
+    Py_XSETREF(self->new_box, Py_NewRef(new_box));
+    Py_XSETREF(self->request_type, Py_NewRef(request_type));
+    Py_XSETREF(self->cancelled, Py_NewRef(cancelled));
+    if (self->closed_name == NULL && (self->closed_name = PyUnicode_InternFromString("closed")) == NULL) return -1;
+    if (self->id_name == NULL && (self->id_name = PyUnicode_InternFromString("id")) == NULL) return -1;
+    self->big_endian = big_endian;
+    self->max_body = max_body;
+    return 0;
+}
+
+static int runner_traverse(Runner *self, visitproc visit, void *arg) {
+    Py_VISIT(self->handlers);
+    Py_VISIT(self->fallback);
+    Py_VISIT(self->outbox);
+    Py_VISIT(self->new_box);
+    Py_VISIT(self->request_type);
+    Py_VISIT(self->cancelled);
+    return 0;
+}
+
+static int runner_clear(Runner *self) {
+    Py_CLEAR(self->handlers);
+    Py_CLEAR(self->fallback);
+    Py_CLEAR(self->outbox);
+    Py_CLEAR(self->new_box);
+    Py_CLEAR(self->request_type);
+    Py_CLEAR(self->cancelled);
+    Py_CLEAR(self->closed_name);
+    Py_CLEAR(self->id_name);
+    return 0;
+}
+
+static void runner_dealloc(Runner *self) {
+    PyObject_GC_UnTrack(self);
+    runner_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* box[index] += amount */
+static int box_add(PyObject *box, Py_ssize_t index, Py_ssize_t amount) {
+    PyObject *amount_obj = PyLong_FromSsize_t(amount);
+    if (amount_obj == NULL) return -1;
+    PyObject *sum = PyNumber_Add(PyList_GET_ITEM(box, index), amount_obj);
+    Py_DECREF(amount_obj);
+    if (sum == NULL) return -1;
+    PyList_SetItem(box, index, sum); /* steals sum */
+    return 0;
+}
+
+/* The connection's box (made by new_box if it has none yet): borrowed. */
+static PyObject *get_box(Runner *self, PyObject *conn_id) {
+    PyObject *box = PyDict_GetItemWithError(self->outbox, conn_id);
+    if (box == NULL) {
+        if (PyErr_Occurred()) return NULL;
+        PyObject *made = PyObject_CallOneArg(self->new_box, conn_id);
+        if (made == NULL) return NULL;
+        Py_DECREF(made); /* the outbox holds it */
+        box = PyDict_GetItemWithError(self->outbox, conn_id);
+        if (box == NULL && !PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "new_box did not add a box");
+    }
+    if (box != NULL && (!PyList_CheckExact(box) || PyList_GET_SIZE(box) < 2)) {
+        PyErr_SetString(PyExc_TypeError, "a reply box is a list [size, acks, ...]");
+        return NULL;
+    }
+    return box;
+}
+
+/* (pos, ran, unusual); steals `unusual`, which is NULL after a failed build (error set). */
+static PyObject *unusual_result(Py_ssize_t pos, Py_ssize_t ran, PyObject *unusual) {
+    return unusual == NULL ? NULL : Py_BuildValue("(nnN)", pos, ran, unusual);
+}
+
+static PyObject *runner_run(Runner *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "run(conn, payload, pos)");
+        return NULL;
+    }
+    if (self->handlers == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "InlineRunner not initialised");
+        return NULL;
+    }
+    PyObject *conn = args[0];
+    PyObject *payload = args[1];
+    if (!PyBytes_CheckExact(payload)) {
+        PyErr_SetString(PyExc_TypeError, "payload must be bytes");
+        return NULL;
+    }
+    Py_ssize_t pos = PyLong_AsSsize_t(args[2]);
+    if (pos == -1 && PyErr_Occurred()) return NULL;
+    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(payload);
+    Py_ssize_t size = PyBytes_GET_SIZE(payload);
+    int big = self->big_endian;
+    Py_ssize_t ran = 0;
+    PyObject *conn_id = PyObject_GetAttr(conn, self->id_name);
+    if (conn_id == NULL) return NULL;
+    PyObject *out = NULL;
+    while (pos < size) {
+        if (pos < 0 || size - pos < HEADER_SIZE) {
+            PyErr_SetString(PyExc_ValueError, "request record ends inside a packet header");
+            goto done;
+        }
+        const unsigned char *at = data + pos;
+        uint32_t length = get_u32(at, big);
+        uint32_t seq = get_u32(at + 4, big);
+        uint16_t cmd = get_u16(at + 8, big);
+        uint32_t status = get_u32(at + 10, big);
+        uint32_t user = get_u32(at + 14, big);
+        if (length < HEADER_SIZE || (Py_ssize_t)length > size - pos) {
+            PyErr_SetString(PyExc_ValueError, "request record holds a packet with a bad length");
+            goto done;
+        }
+        PyObject *cmd_obj = PyLong_FromLong(cmd);
+        if (cmd_obj == NULL) goto done;
+        PyObject *handler = PyDict_GetItemWithError(self->handlers, cmd_obj); /* borrowed */
+        Py_DECREF(cmd_obj);
+        if (handler == NULL) {
+            if (PyErr_Occurred()) goto done;
+            handler = self->fallback;
+        }
+        if (handler == Py_None) break; /* async, or no handler: a consumer task's job */
+        Py_INCREF(handler);
+        PyObject *request_args[6] = {PyLong_FromUnsignedLong(seq), PyLong_FromLong(cmd),
+                                     PyLong_FromUnsignedLong(status), PyLong_FromUnsignedLong(user),
+                                     PyBytes_FromStringAndSize((const char *)at + HEADER_SIZE, length - HEADER_SIZE),
+                                     conn};
+        PyObject *request = NULL;
+        if (request_args[0] && request_args[1] && request_args[2] && request_args[3] && request_args[4])
+            request = PyObject_Vectorcall(self->request_type, request_args, 6, NULL);
+        for (int i = 0; i < 5; i++) Py_XDECREF(request_args[i]);
+        if (request == NULL) {
+            Py_DECREF(handler);
+            goto done;
+        }
+        PyObject *result = PyObject_CallOneArg(handler, request);
+        Py_DECREF(request);
+        pos += length;
+        if (result == NULL) {
+            /* Exception and CancelledError are the handler's failure: Python answers
+               them. Anything else (KeyboardInterrupt, SystemExit) propagates. */
+            if (!PyErr_ExceptionMatches(PyExc_Exception) && !PyErr_ExceptionMatches(self->cancelled)) {
+                Py_DECREF(handler);
+                goto done;
+            }
+            PyObject *type, *value, *traceback;
+            PyErr_Fetch(&type, &value, &traceback);
+            PyErr_NormalizeException(&type, &value, &traceback);
+            if (traceback != NULL) PyException_SetTraceback(value, traceback);
+            Py_XDECREF(type);
+            Py_XDECREF(traceback);
+            out = unusual_result(pos, ran, Py_BuildValue("(IiIOON)", seq, (int)cmd, user, handler, Py_None, value));
+            Py_DECREF(handler);
+            goto done;
+        }
+        int closed = 0;
+        if (result != Py_None) {
+            PyObject *closed_obj = PyObject_GetAttr(conn, self->closed_name);
+            if (closed_obj == NULL) {
+                Py_DECREF(result);
+                Py_DECREF(handler);
+                goto done;
+            }
+            closed = closed_obj != Py_False;
+            Py_DECREF(closed_obj);
+        }
+        if (result != Py_None && (!PyBytes_CheckExact(result) || PyBytes_GET_SIZE(result) > self->max_body || closed)) {
+            out = unusual_result(pos, ran, Py_BuildValue("(IiIONO)", seq, (int)cmd, user, handler, result, Py_None));
+            Py_DECREF(handler);
+            goto done;
+        }
+        Py_DECREF(handler);
+        PyObject *box = get_box(self, conn_id);
+        if (box == NULL) {
+            Py_DECREF(result);
+            goto done;
+        }
+        if (result != Py_None) {
+            Py_ssize_t reply_size = HEADER_SIZE + PyBytes_GET_SIZE(result);
+            PyObject *header = PyBytes_FromStringAndSize(NULL, HEADER_SIZE);
+            if (header == NULL) {
+                Py_DECREF(result);
+                goto done;
+            }
+            unsigned char *h = (unsigned char *)PyBytes_AS_STRING(header);
+            put_u32(h, (uint32_t)reply_size, big);
+            put_u32(h + 4, seq, big);
+            put_u16(h + 8, cmd, big);
+            put_u32(h + 10, 0, big);
+            put_u32(h + 14, user, big);
+            int failed = PyList_Append(box, header) < 0 || PyList_Append(box, result) < 0 ||
+                         box_add(box, 0, reply_size) < 0;
+            Py_DECREF(header);
+            if (failed) {
+                Py_DECREF(result);
+                goto done;
+            }
+        }
+        Py_DECREF(result);
+        if (box_add(box, 1, 1) < 0) goto done;
+        ran += 1;
+    }
+    out = Py_BuildValue("(nnO)", pos, ran, Py_None);
+done:
+    Py_DECREF(conn_id);
+    return out;
+}
+
+static PyMethodDef runner_methods[] = {
+    {"run", (PyCFunction)(void (*)(void))runner_run, METH_FASTCALL,
+     "run(conn, payload, pos) -> (pos, ran, unusual); see the module comment."},
+    {NULL},
+};
+
+static PyTypeObject RunnerType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "aserver.worker._inline.InlineRunner",
+    .tp_basicsize = sizeof(Runner),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The worker's inline loop for the common case (see Dispatcher._run_inline).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)runner_init,
+    .tp_dealloc = (destructor)runner_dealloc,
+    .tp_traverse = (traverseproc)runner_traverse,
+    .tp_clear = (inquiry)runner_clear,
+    .tp_methods = runner_methods,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "aserver.worker._inline", "The worker's inline loop in C.", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__inline(void) {
+    if (PyType_Ready(&RunnerType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    Py_INCREF(&RunnerType);
+    if (PyModule_AddObject(m, "InlineRunner", (PyObject *)&RunnerType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
