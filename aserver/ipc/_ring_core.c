@@ -2,9 +2,11 @@
  *
  * ring_core.py is the same code in Python (the fallback when no C compiler was there at
  * install time) and the description of what these do; the layout is in ring.py. Each
- * side's positions live in this object, as attributes ring.py reads and sets. Only the
- * other side's published position is read from shared memory, with an acquire load, so
- * the record bytes are read after the position that says they are complete.
+ * side's positions live in this object, as attributes ring.py reads and sets; ring.py
+ * publishes them with plain stores, so, like the pure-Python ring, this relies on x86's
+ * ordering (stores are not reordered with older stores, loads not with older loads).
+ * Unlike mmap slicing, nothing here is bounds-checked by Python: every offset is checked
+ * against the capacity, and the capacity against the mapping, before it is used.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -46,7 +48,7 @@ static uint64_t load_word(const Core *self, int index) {
 }
 
 /* __init__(shm): attach to a SharedMemory's buffer. */
-static int core_init(Core *self, PyObject *args, PyObject *kwds) {
+static int core_init(Core *self, PyObject *args, PyObject *Py_UNUSED(kwds)) {
     PyObject *shm;
     if (!PyArg_ParseTuple(args, "O", &shm)) return -1;
     if (self->base != NULL) {
@@ -65,17 +67,19 @@ static int core_init(Core *self, PyObject *args, PyObject *kwds) {
     }
     self->base = self->view.buf;
     self->capacity = load_word(self, 0);
-    if (self->capacity == 0 || (unsigned long long)self->view.len < DATA_OFFSET + self->capacity) {
+    if (self->capacity == 0 || self->capacity > (unsigned long long)self->view.len - DATA_OFFSET) {
         PyBuffer_Release(&self->view);
         self->base = NULL;
         PyErr_SetString(PyExc_ValueError, "segment does not hold the capacity its header says");
         return -1;
     }
-    self->max_payload = (Py_ssize_t)(self->capacity / 4) - HEADER_SIZE;
+    /* A quarter of the ring (see ring_core.max_payload), and never past the u32 length field. */
+    unsigned long long quarter = self->capacity / 4 - HEADER_SIZE;
+    self->max_payload = (Py_ssize_t)(quarter < 0xFFFFFFFFull ? quarter : 0xFFFFFFFFull);
     return 0;
 }
 
-static PyObject *core_detach(Core *self, PyObject *unused) {
+static PyObject *core_detach(Core *self, PyObject *Py_UNUSED(unused)) {
     if (self->base != NULL) {
         self->base = NULL;
         PyBuffer_Release(&self->view);
@@ -102,7 +106,6 @@ static PyObject *writer_try_write(Core *self, PyObject *const *args, Py_ssize_t 
         PyErr_SetString(PyExc_TypeError, "try_write(kind, conn_id, payload)");
         return NULL;
     }
-    if (!attached(self)) return NULL;
     unsigned long long kind = PyLong_AsUnsignedLongLong(args[0]);
     if (kind == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
     if (kind > 0xFFFFFFFFull) {
@@ -114,6 +117,7 @@ static PyObject *writer_try_write(Core *self, PyObject *const *args, Py_ssize_t 
     Py_buffer payload;
     if (PyObject_GetBuffer(args[2], &payload, PyBUF_C_CONTIGUOUS) < 0) return NULL;
     PyObject *result = NULL;
+    if (!attached(self)) goto done; /* after GetBuffer: a __buffer__ method may have closed us */
     if (payload.len > self->max_payload) {
         PyErr_Format(PyExc_ValueError, "record of %zd bytes exceeds ring limit %zd", payload.len,
                      self->max_payload);
@@ -132,9 +136,9 @@ static PyObject *writer_try_write(Core *self, PyObject *const *args, Py_ssize_t 
         self->other = write; /* everything was consumed: back to the (cache-warm) front */
         need = tail + size;
     }
-    if (need > capacity - (write - self->other)) {
+    if (write - self->other > capacity || need > capacity - (write - self->other)) {
         self->other = load_word(self, WORD_READ_POS);
-        if (need > capacity - (write - self->other)) {
+        if (write - self->other > capacity || need > capacity - (write - self->other)) {
             result = Py_False;
             Py_INCREF(result);
             goto done;
@@ -274,7 +278,10 @@ static PyTypeObject ReaderCoreType = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "aserver.ipc._ring_core", "Ring record copy in C (see ring_core.py).", -1, NULL,
+    PyModuleDef_HEAD_INIT,
+    .m_name = "aserver.ipc._ring_core",
+    .m_doc = "Ring record copy in C (see ring_core.py).",
+    .m_size = -1,
 };
 
 PyMODINIT_FUNC PyInit__ring_core(void) {

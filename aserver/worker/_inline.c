@@ -192,14 +192,13 @@ static PyObject *runner_run(Runner *self, PyObject *const *args, Py_ssize_t narg
         if (request_args[0] && request_args[1] && request_args[2] && request_args[3] && request_args[4])
             request = PyObject_Vectorcall(self->request_type, request_args, 6, NULL);
         for (int i = 0; i < 5; i++) Py_XDECREF(request_args[i]);
-        if (request == NULL) {
-            Py_DECREF(handler);
-            goto done;
+        PyObject *result = NULL;
+        if (request != NULL) {
+            result = PyObject_CallOneArg(handler, request);
+            Py_DECREF(request);
         }
-        PyObject *result = PyObject_CallOneArg(handler, request);
-        Py_DECREF(request);
         pos += length;
-        if (result == NULL) {
+        if (result == NULL) { /* the Request could not be built (MemoryError), or the handler raised */
             /* Exception and CancelledError are the handler's failure: Python answers
                them. Anything else (KeyboardInterrupt, SystemExit) propagates. */
             if (!PyErr_ExceptionMatches(PyExc_Exception) && !PyErr_ExceptionMatches(self->cancelled)) {
@@ -238,10 +237,12 @@ static PyObject *runner_run(Runner *self, PyObject *const *args, Py_ssize_t narg
             Py_DECREF(result);
             goto done;
         }
+        Py_INCREF(box); /* ours until the end of this packet, whatever happens to the outbox */
         if (result != Py_None) {
             Py_ssize_t reply_size = HEADER_SIZE + PyBytes_GET_SIZE(result);
             PyObject *header = PyBytes_FromStringAndSize(NULL, HEADER_SIZE);
             if (header == NULL) {
+                Py_DECREF(box);
                 Py_DECREF(result);
                 goto done;
             }
@@ -255,12 +256,15 @@ static PyObject *runner_run(Runner *self, PyObject *const *args, Py_ssize_t narg
                          box_add(box, 0, reply_size) < 0;
             Py_DECREF(header);
             if (failed) {
+                Py_DECREF(box);
                 Py_DECREF(result);
                 goto done;
             }
         }
         Py_DECREF(result);
-        if (box_add(box, 1, 1) < 0) goto done;
+        int ack_failed = box_add(box, 1, 1) < 0;
+        Py_DECREF(box);
+        if (ack_failed) goto done;
         ran += 1;
     }
     out = Py_BuildValue("(nnO)", pos, ran, Py_None);
@@ -289,7 +293,10 @@ static PyTypeObject RunnerType = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "aserver.worker._inline", "The worker's inline loop in C.", -1, NULL,
+    PyModuleDef_HEAD_INIT,
+    .m_name = "aserver.worker._inline",
+    .m_doc = "The worker's inline loop in C.",
+    .m_size = -1,
 };
 
 PyMODINIT_FUNC PyInit__inline(void) {

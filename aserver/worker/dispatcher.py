@@ -183,7 +183,7 @@ class Dispatcher:
         """Run the record's requests with sync handlers, in order, until one needs a
         consumer task (async handler, or none at all). Returns where that one starts."""
         fast = self._fast_inline
-        if fast is not None:
+        if fast is not None and type(payload) is bytes:
             pos = count = 0
             while True:
                 pos, ran, unusual = fast.run(conn, payload, pos)
@@ -231,7 +231,7 @@ class Dispatcher:
         if exc is None and type(result) is not bytes and result is not None:
             try:
                 result = reply_parts(result)
-            except Exception as error:
+            except (Exception, asyncio.CancelledError) as error:
                 exc = error
         if exc is not None:
             result = self._failed(conn, seq, cmd, handler, exc)
