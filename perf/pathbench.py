@@ -88,7 +88,7 @@ async def measure(connections: int, depths: list[int], body: int, requests: int,
         codec = PacketCodec()
         dispatcher = Dispatcher(app, codec, loop, 64, 100_000)
         dispatcher.attach([RingSender(open_producer(reply_producer), loop, dispatcher.on_room)],
-                          [RingReceiver(open_consumer(request_consumer), loop, dispatcher.on_records)])
+                          [RingReceiver(open_consumer(request_consumer), loop, dispatcher.on_records, in_place=True)])
         dispatcher.start()
         clients = []
         for i in range(connections):

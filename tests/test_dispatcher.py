@@ -31,8 +31,8 @@ class FakeSender:  # a reply ring that records what was sent
     def __init__(self):
         self.sent = []
 
-    def send(self, kind, conn_id, payload):
-        self.sent.append((kind, conn_id, bytes(payload)))
+    def send(self, kind, conn_id, payload):  # a list payload is its parts back to back
+        self.sent.append((kind, conn_id, b"".join(payload) if isinstance(payload, list) else bytes(payload)))
         return True
 
     def flush(self):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import select
 import subprocess
@@ -787,13 +788,22 @@ def test_c_and_python_cores_agree(capacity, rewind_at, ops):
             answers = []
             for _shm, words, writer, reader in sides:
                 if op[0] == "write":
-                    payload = bytes([serial % 251]) * op[1]
+                    data = bytes(range(256)) * 5
+                    payload = data[serial % 7 : serial % 7 + op[1]]
+                    parts = op[2] % 4  # 0: one buffer; else a list (as the worker sends replies)
+                    if parts:
+                        cuts = [0, *sorted({(serial * k * 37) % (op[1] + 1) for k in range(1, parts * 30)}), op[1]]
+                        payload = [payload[a:b] for a, b in itertools.pairwise(cuts)]  # up to ~90 parts
                     try:
                         answers.append(writer.try_write(op[2], serial, payload))
                     except ValueError as exc:
                         answers.append(str(exc))
                 elif op[0] == "read":
-                    answers.append(reader.read_batch(op[1]))
+                    in_place = op[1] % 2 == 1
+                    got = reader.read_batch(op[1], in_place)
+                    assert all(isinstance(p, memoryview) and p.readonly for _, _, p in got) if in_place else True
+                    answers.append([(kind, conn_id, bytes(p)) for kind, conn_id, p in got])
+                    del got
                 elif op[0] == "release":
                     words[16] = reader._read
                 if op[0] in ("publish", "drain"):

@@ -100,7 +100,9 @@ static int attached(const Core *self) {
     return 1;
 }
 
-/* try_write(kind, conn_id, payload) -> bool */
+/* try_write(kind, conn_id, payload) -> bool. payload: a buffer, or a list of buffers
+   copied in one after another (what b"".join would make, without making it). */
+#define MAX_PARTS 64
 static PyObject *writer_try_write(Core *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "try_write(kind, conn_id, payload)");
@@ -114,16 +116,37 @@ static PyObject *writer_try_write(Core *self, PyObject *const *args, Py_ssize_t 
     }
     unsigned long long conn_id = PyLong_AsUnsignedLongLong(args[1]);
     if (conn_id == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
-    Py_buffer payload;
-    if (PyObject_GetBuffer(args[2], &payload, PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    PyObject *source = args[2];
+    PyObject *joined = NULL;
+    if (PyList_CheckExact(source) && PyList_GET_SIZE(source) > MAX_PARTS) {
+        /* Many small parts: one join is as cheap as tracking them all. */
+        PyObject *empty = PyBytes_FromStringAndSize(NULL, 0);
+        if (empty == NULL) return NULL;
+        joined = PyObject_CallMethod(empty, "join", "O", source);
+        Py_DECREF(empty);
+        if (joined == NULL) return NULL;
+        source = joined;
+    }
+    Py_buffer parts[MAX_PARTS];
+    Py_ssize_t count = 0;
+    unsigned long long length = 0;
     PyObject *result = NULL;
-    if (!attached(self)) goto done; /* after GetBuffer: a __buffer__ method may have closed us */
-    if (payload.len > self->max_payload) {
-        PyErr_Format(PyExc_ValueError, "record of %zd bytes exceeds ring limit %zd", payload.len,
-                     self->max_payload);
+    if (PyList_CheckExact(source)) {
+        for (; count < PyList_GET_SIZE(source); count++) {
+            if (PyObject_GetBuffer(PyList_GET_ITEM(source, count), &parts[count], PyBUF_C_CONTIGUOUS) < 0) goto done;
+            length += (unsigned long long)parts[count].len;
+        }
+    } else {
+        if (PyObject_GetBuffer(source, &parts[0], PyBUF_C_CONTIGUOUS) < 0) goto done;
+        count = 1;
+        length = (unsigned long long)parts[0].len;
+    }
+    /* After GetBuffer: a __buffer__ method may have closed us. */
+    if (!attached(self)) goto done;
+    if (length > (unsigned long long)self->max_payload) {
+        PyErr_Format(PyExc_ValueError, "record of %llu bytes exceeds ring limit %zd", length, self->max_payload);
         goto done;
     }
-    unsigned long long length = (unsigned long long)payload.len;
     unsigned long long size = (HEADER_SIZE + length + 7) & ~7ull;
     unsigned long long capacity = self->capacity;
     unsigned long long write = self->position;
@@ -154,26 +177,34 @@ static PyObject *writer_try_write(Core *self, PyObject *const *args, Py_ssize_t 
     char *at = self->base + DATA_OFFSET + offset;
     RecordHeader header = {(uint32_t)length, (uint32_t)kind, conn_id};
     memcpy(at, &header, HEADER_SIZE);
-    memcpy(at + HEADER_SIZE, payload.buf, length);
+    at += HEADER_SIZE;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        memcpy(at, parts[i].buf, parts[i].len);
+        at += parts[i].len;
+    }
     self->position = write + need;
     self->unpublished += need;
     self->records += 1;
     result = Py_True;
     Py_INCREF(result);
 done:
-    PyBuffer_Release(&payload);
+    for (Py_ssize_t i = 0; i < count; i++) PyBuffer_Release(&parts[i]);
+    Py_XDECREF(joined);
     return result;
 }
 
-/* read_batch(limit) -> [(kind, conn_id, payload bytes), ...] */
+/* read_batch(limit, in_place=False) -> [(kind, conn_id, payload), ...]: payloads are
+   bytes, or with in_place read-only memoryviews of the ring itself. */
 static PyObject *reader_read_batch(Core *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 1) {
-        PyErr_SetString(PyExc_TypeError, "read_batch(limit)");
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "read_batch(limit, in_place=False)");
         return NULL;
     }
     if (!attached(self)) return NULL;
     Py_ssize_t limit = PyLong_AsSsize_t(args[0]);
     if (limit == -1 && PyErr_Occurred()) return NULL;
+    int in_place = nargs == 2 ? PyObject_IsTrue(args[1]) : 0;
+    if (in_place < 0) return NULL;
     PyObject *records = PyList_New(0);
     if (records == NULL) return NULL;
     unsigned long long write = load_word(self, WORD_WRITE_POS);
@@ -202,7 +233,8 @@ static PyObject *reader_read_batch(Core *self, PyObject *const *args, Py_ssize_t
         if (record == NULL) goto fail;
         PyTuple_SET_ITEM(record, 0, PyLong_FromUnsignedLong(header.kind));
         PyTuple_SET_ITEM(record, 1, PyLong_FromUnsignedLongLong(header.conn_id));
-        PyTuple_SET_ITEM(record, 2, PyBytes_FromStringAndSize(at + HEADER_SIZE, header.length));
+        PyTuple_SET_ITEM(record, 2, in_place ? PyMemoryView_FromMemory((char *)at + HEADER_SIZE, header.length, PyBUF_READ)
+                                             : PyBytes_FromStringAndSize(at + HEADER_SIZE, header.length));
         if (PyTuple_GET_ITEM(record, 0) == NULL || PyTuple_GET_ITEM(record, 1) == NULL ||
             PyTuple_GET_ITEM(record, 2) == NULL || PyList_Append(records, record) < 0) {
             Py_DECREF(record);
@@ -229,7 +261,8 @@ static PyMethodDef writer_methods[] = {
 
 static PyMethodDef reader_methods[] = {
     {"read_batch", (PyCFunction)(void (*)(void))reader_read_batch, METH_FASTCALL,
-     "Copy out up to `limit` records as (kind, conn_id, payload); does not free them."},
+     "Up to `limit` records as (kind, conn_id, payload); does not free them. Payloads are copies, "
+     "or with in_place views of the ring (valid until release)."},
     {"detach", (PyCFunction)core_detach, METH_NOARGS, "Let go of the segment's buffer (before it is closed)."},
     {NULL},
 };

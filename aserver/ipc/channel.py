@@ -36,7 +36,7 @@ class RingSender:
         self._writer = writer
         self._loop = loop
         self._on_room = on_room
-        self._overflow: deque[tuple[int, int, bytes | bytearray | memoryview]] = deque()
+        self._overflow: deque[tuple[int, int, bytes | bytearray | memoryview | list]] = deque()
         self._publish_scheduled = False
         self._waiting = False
         self._poll: asyncio.TimerHandle | None = None
@@ -65,7 +65,8 @@ class RingSender:
         self._stop_waiting()
         self._writer.discard_unread()
 
-    def send(self, kind: int, conn_id: int, payload: bytes | bytearray | memoryview) -> bool:
+    def send(self, kind: int, conn_id: int, payload: bytes | bytearray | memoryview | list) -> bool:
+        """Write (or queue) one record; a list payload is its parts back to back."""
         writer = self._writer
         if not self._overflow and writer.try_write(kind, conn_id, payload):
             if writer.unpublished >= EARLY_PUBLISH_BYTES:
@@ -141,6 +142,11 @@ class RingReceiver:
 
     Sleeps on the wake pipe only after telling the writer so (see ring.py). `pause` stops
     draining, leaving records in the ring, which in turn pushes back on the writer.
+
+    With `in_place`, payloads are read-only views of the ring instead of copies, and their
+    space is freed only once `on_records` returns: it must not keep them (copy what it
+    keeps). That saves a copy of every record for a consumer that is done with each batch
+    when it returns, as the worker is (handlers get bytes).
     """
 
     def __init__(
@@ -149,8 +155,10 @@ class RingReceiver:
         loop: asyncio.AbstractEventLoop,
         on_records: Callable[[list[tuple[int, int, bytes]]], None],
         batch: int = 512,
+        in_place: bool = False,
     ) -> None:
         self._reader = reader
+        self._in_place = in_place
         self._loop = loop
         self._on_records = on_records
         self._batch = batch
@@ -196,11 +204,12 @@ class RingReceiver:
     def drain_now(self) -> None:
         """Drain everything available, ignoring pause (used at shutdown)."""
         while True:
-            records = self._reader.read_batch(self._batch)
+            records = self._reader.read_batch(self._batch, self._in_place)
             if not records:
                 return
-            self._reader.release()
             self._on_records(records)
+            del records  # in place: the views go before their space does
+            self._reader.release()
 
     def _on_wake(self) -> None:
         self._reader.woken()
@@ -223,11 +232,13 @@ class RingReceiver:
         if self._paused or not self._started:
             return
         reader = self._reader
-        records = reader.read_batch(self._batch)
+        records = reader.read_batch(self._batch, self._in_place)
         if records:
-            reader.release()
             self._on_records(records)
-            if len(records) == self._batch or self._paused:
+            full = len(records) == self._batch
+            del records  # in place: the views go before their space does
+            reader.release()
+            if full or self._paused:
                 # More may be waiting: come back after other callbacks had their turn.
                 if not self._paused:
                     self._schedule_drain()

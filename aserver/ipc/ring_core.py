@@ -49,8 +49,11 @@ class WriterCore(_Core):
         self.unpublished = 0
         self.records_written = 0
 
-    def try_write(self, kind: int, conn_id: int, payload: bytes | bytearray | memoryview) -> bool:
-        """Copy one record in, or return False when there is no room (nothing written)."""
+    def try_write(self, kind: int, conn_id: int, payload: bytes | bytearray | memoryview | list) -> bool:
+        """Copy one record in, or return False when there is no room (nothing written).
+        A list payload is its parts one after another (C copies them in without joining)."""
+        if type(payload) is list:
+            payload = b"".join(payload)
         length = len(payload)
         if length > self.max_payload:
             raise ValueError(f"record of {length} bytes exceeds ring limit {self.max_payload}")
@@ -90,14 +93,16 @@ class ReaderCore(_Core):
         self._read = 0  # our position, published by ring.py
         self._records_read = 0
 
-    def read_batch(self, limit: int) -> list[tuple[int, int, bytes]]:
-        """Copy out up to `limit` records as (kind, conn_id, payload); does not free them."""
+    def read_batch(self, limit: int, in_place: bool = False) -> list[tuple[int, int, bytes | memoryview]]:
+        """Up to `limit` records as (kind, conn_id, payload); does not free them. Payloads
+        are copies, or with `in_place` read-only views of the ring, valid until the reader
+        releases them (ring.py's release)."""
         write = self._seg_words[WORD_WRITE_POS]
         read = self._read
         if read == write:
             return []
         buf = self._seg_buf
-        mapped = self._seg_map
+        mapped = self._seg_map if not in_place else self._seg_buf.toreadonly()
         capacity = self.capacity
         unpack = RECORD_HEADER.unpack_from
         records = []

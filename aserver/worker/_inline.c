@@ -1,6 +1,7 @@
 /* The worker's inline loop for the common case, in C (see Dispatcher._run_inline).
  *
- * InlineRunner.run(conn, payload, pos) walks the record's packets from `pos`: for each
+ * InlineRunner.run(conn, payload, pos) walks the record's packets from `pos` (payload: any
+ * buffer, e.g. a view of the ring; each Request gets its body as a bytes copy): for each
  * one with a sync handler it builds the Request, calls the handler and, when the result
  * is bytes that fit (or None), packs the reply into the connection's box exactly as
  * Dispatcher._answer does. It returns (pos, ran, unusual):
@@ -145,19 +146,20 @@ static PyObject *runner_run(Runner *self, PyObject *const *args, Py_ssize_t narg
         return NULL;
     }
     PyObject *conn = args[0];
-    PyObject *payload = args[1];
-    if (!PyBytes_CheckExact(payload)) {
-        PyErr_SetString(PyExc_TypeError, "payload must be bytes");
-        return NULL;
-    }
     Py_ssize_t pos = PyLong_AsSsize_t(args[2]);
     if (pos == -1 && PyErr_Occurred()) return NULL;
-    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(payload);
-    Py_ssize_t size = PyBytes_GET_SIZE(payload);
-    int big = self->big_endian;
-    Py_ssize_t ran = 0;
     PyObject *conn_id = PyObject_GetAttr(conn, self->id_name);
     if (conn_id == NULL) return NULL;
+    /* Held for the whole call: the buffer's owner cannot go away or change size. */
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0) {
+        Py_DECREF(conn_id);
+        return NULL;
+    }
+    const unsigned char *data = (const unsigned char *)view.buf;
+    Py_ssize_t size = view.len;
+    int big = self->big_endian;
+    Py_ssize_t ran = 0;
     PyObject *out = NULL;
     while (pos < size) {
         if (pos < 0 || size - pos < HEADER_SIZE) {
@@ -269,6 +271,7 @@ static PyObject *runner_run(Runner *self, PyObject *const *args, Py_ssize_t narg
     }
     out = Py_BuildValue("(nnO)", pos, ran, Py_None);
 done:
+    PyBuffer_Release(&view);
     Py_DECREF(conn_id);
     return out;
 }

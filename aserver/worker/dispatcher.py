@@ -130,7 +130,7 @@ class Dispatcher:
 
     # Intake ---------------------------------------------------------------------------
 
-    def on_records(self, batch: list[tuple[int, int, bytes]]) -> None:
+    def on_records(self, batch: list[tuple[int, int, bytes | memoryview]]) -> None:
         connections = self.connections
         unpack = self.codec.header.unpack_from
         ready = self._ready
@@ -148,11 +148,13 @@ class Dispatcher:
                 size = len(payload)
                 if pos == size:
                     continue
-                # Requests become plain tuples: cheaper than an object per packet.
+                # Requests become plain tuples: cheaper than an object per packet. The
+                # body is copied out (bytes() of a bytes slice is that slice): the payload
+                # may be a view of the ring, valid only until this batch returns.
                 append = conn._jobs.append
                 while pos < size:
                     length, seq, cmd, status, user = unpack(payload, pos)
-                    append((seq, cmd, status, user, payload[pos + HEADER_SIZE : pos + length]))
+                    append((seq, cmd, status, user, bytes(payload[pos + HEADER_SIZE : pos + length])))
                     pos += length
                     added += 1
             elif kind == records.OPENED:
@@ -183,7 +185,7 @@ class Dispatcher:
         """Run the record's requests with sync handlers, in order, until one needs a
         consumer task (async handler, or none at all). Returns where that one starts."""
         fast = self._fast_inline
-        if fast is not None and type(payload) is bytes:
+        if fast is not None:
             pos = count = 0
             while True:
                 pos, ran, unusual = fast.run(conn, payload, pos)
@@ -194,6 +196,8 @@ class Dispatcher:
                 count += 1
             self.stats["requests"] += count
             return pos
+        if type(payload) is not bytes:
+            payload = bytes(payload)  # a view of the ring: handlers get bytes bodies
         unpack = self.codec.header.unpack_from
         inline = self.inline_handlers
         fallback = self.inline_fallback
@@ -440,8 +444,8 @@ class Dispatcher:
             acks, extra = records.MAX_ACKS, acks - records.MAX_ACKS
         answered = records.PACKETS | acks << records.ACK_SHIFT
         if box[0] <= sender.max_payload:
-            # One joined chunk: a single copy into the ring beats one per header and body.
-            if not sender.send(answered, conn_id, b"".join(box[2:])):
+            # One record; its parts are copied straight into the ring (no join first).
+            if not sender.send(answered, conn_id, box[2:]):
                 self._pause_intake()
         else:
             limit = sender.max_payload

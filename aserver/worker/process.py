@@ -77,7 +77,7 @@ async def _serve(spec: ChildSpec, control: ChildControl) -> None:
         senders = []
         receivers = []
         for requests, replies in spec.rings:
-            receivers.append(RingReceiver(open_consumer(requests), loop, dispatcher.on_records))
+            receivers.append(RingReceiver(open_consumer(requests), loop, dispatcher.on_records, in_place=True))
             senders.append(RingSender(open_producer(replies), loop, dispatcher.on_room))
         dispatcher.attach(senders, receivers)
         periodic = [asyncio.ensure_future(_every(seconds, hook)) for seconds, hook in app.periodic]
