@@ -181,7 +181,7 @@ class Dispatcher:
             if self.pending >= self.max_pending:
                 self._pause_intake()
 
-    def _run_inline(self, conn: Connection, payload: bytes) -> int:
+    def _run_inline(self, conn: Connection, payload: bytes | memoryview) -> int:
         """Run the record's requests with sync handlers, in order, until one needs a
         consumer task (async handler, or none at all). Returns where that one starts."""
         fast = self._fast_inline
