@@ -145,6 +145,26 @@ async def hang(request: Request) -> bytes:
     return b"too late"
 
 
+HANG_SYNC, CRASH = 15, 16
+
+
+@app.handler(HANG_SYNC)
+def hang_sync(request: Request) -> bytes:
+    """The same in a sync handler: it runs inline, in the middle of its ring batch."""
+    import time
+
+    time.sleep(60)
+    return b"too late"
+
+
+@app.handler(CRASH)
+def crash_now(request: Request) -> bytes:
+    """A sync handler that kills its worker (as a crash in a C extension or an OOM kill
+    would), noted in $PROBE_EVENTS_DIR first so a test can count how often it ran."""
+    _record("crash", request.connection)
+    os._exit(3)
+
+
 if os.environ.get("PROBE_CRASH_AFTER"):
 
     @app.every(float(os.environ["PROBE_CRASH_AFTER"]))

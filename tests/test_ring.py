@@ -823,3 +823,24 @@ def test_c_and_python_cores_agree(capacity, rewind_at, ops):
             reader.detach()
             shm.close()
             shm.unlink()
+
+
+async def test_a_queued_list_payload_is_what_its_parts_held_when_sent(make_ring):
+    """A list payload (reply parts, some of them a handler's buffers) that must wait for
+    room is queued as its bytes at send time: a buffer changed later does not change it."""
+    pair = make_ring(4096)
+    loop = asyncio.get_running_loop()
+    sender = RingSender(pair.writer, loop, lambda: None)
+    while sender.send(1, 0, b"x" * 900):
+        pass
+    body = bytearray(b"before")
+    assert not sender.send(2, 7, [b"HDR:", body])  # the ring is full: queued
+    body[:] = b"after!"
+    got = []
+    for _ in range(200):
+        got += pair.reader.read_batch(100)
+        pair.reader.release()
+        if any(kind == 2 for kind, _, _ in got):
+            break
+        await asyncio.sleep(0.01)
+    assert [(conn_id, payload) for kind, conn_id, payload in got if kind == 2] == [(7, b"HDR:before")]

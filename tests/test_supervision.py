@@ -15,7 +15,7 @@ from aserver import Status
 from aserver.client import Client
 from aserver.testing import ServerProcess
 
-from probe_service import ECHO, HANG
+from probe_service import CRASH, ECHO, HANG, HANG_SYNC
 
 TESTS_DIR = str(Path(__file__).parent)
 
@@ -92,16 +92,41 @@ async def test_killing_one_conn_process_closes_only_its_clients(tmp_path: Path) 
             await client.close()
 
 
-async def test_hung_worker_is_killed_and_replaced() -> None:
+@pytest.mark.parametrize("hang", [HANG, HANG_SYNC], ids=["async", "sync"])
+async def test_hung_worker_is_killed_and_replaced(hang: int) -> None:
     settings = {"supervisor": {"heartbeat_interval": 0.2, "heartbeat_timeout": 1.0}}
     with _probe_server(settings=settings) as server:
         worker = server.child_pids("worker")[0]
         async with await Client.connect(*server.address) as client:
-            reply = await client.call(HANG, b"", timeout=10)
+            reply = await client.call(hang, b"", timeout=10)
             assert reply.status_code == Status.WORKER_LOST
             assert (await client.call(ECHO, b"after", timeout=10)).body == b"after"
         assert worker not in server.child_pids("worker").values()
         server.wait_for_log(r"worker 0 \(pid \d+\) did not answer heartbeats")
+
+
+async def test_a_request_that_kills_its_worker_is_answered_and_never_run_again(tmp_path: Path) -> None:
+    """A sync handler runs inside its ring batch. If it kills the worker, the batch counts
+    as taken: WORKER_LOST for it, never a replay to the replacement (which would run it
+    again, and again, until the crash-loop guard stopped the whole server)."""
+    settings = {"supervisor": {"max_restarts": 3, "restart_window": 60}}
+    with _probe_server(settings=settings, env={"PROBE_EVENTS_DIR": str(tmp_path)}) as server:
+        clients = [await Client.connect(*server.address) for _ in range(20)]
+        try:
+            for client in clients:  # every connection opened in the first worker
+                assert (await client.call(ECHO, b"hi", timeout=5)).body == b"hi"
+            reply = await clients[0].call(CRASH, b"", timeout=10)
+            assert reply.status_code == Status.WORKER_LOST
+            server.wait_for_log(r"worker 0 is back")
+            for client in clients:
+                assert (await client.call(ECHO, b"after", timeout=10)).body == b"after"
+        finally:
+            for client in clients:
+                await client.close()
+        crashes = [line for f in tmp_path.glob("*.log") for line in f.read_text().splitlines()
+                   if line.startswith("crash")]
+        assert len(crashes) == 1
+        assert server.process.poll() is None
 
 
 def test_crash_loop_stops_the_server() -> None:

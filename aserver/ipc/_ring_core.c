@@ -132,9 +132,19 @@ static PyObject *writer_try_write(Core *self, PyObject *const *args, Py_ssize_t 
     unsigned long long length = 0;
     PyObject *result = NULL;
     if (PyList_CheckExact(source)) {
-        for (; count < PyList_GET_SIZE(source); count++) {
-            if (PyObject_GetBuffer(PyList_GET_ITEM(source, count), &parts[count], PyBUF_C_CONTIGUOUS) < 0) goto done;
+        /* Bounded by MAX_PARTS whatever a part's buffer export does to the list. */
+        while (count < PyList_GET_SIZE(source) && count < MAX_PARTS) {
+            PyObject *item = PyList_GET_ITEM(source, count);
+            Py_INCREF(item);
+            int failed = PyObject_GetBuffer(item, &parts[count], PyBUF_C_CONTIGUOUS) < 0;
+            Py_DECREF(item);
+            if (failed) goto done;
             length += (unsigned long long)parts[count].len;
+            count++;
+        }
+        if (count != PyList_GET_SIZE(source)) {
+            PyErr_SetString(PyExc_RuntimeError, "record parts changed while being copied");
+            goto done;
         }
     } else {
         if (PyObject_GetBuffer(source, &parts[0], PyBUF_C_CONTIGUOUS) < 0) goto done;

@@ -75,7 +75,8 @@ class RingSender:
                 self._publish_scheduled = True
                 self._loop.call_soon(self._publish)
             return True
-        self._overflow.append((kind, conn_id, payload))
+        # A list's parts may be a handler's buffers: queue what they hold now.
+        self._overflow.append((kind, conn_id, b"".join(payload) if type(payload) is list else payload))
         if not self._waiting:
             self._start_waiting()
         return False
@@ -145,8 +146,11 @@ class RingReceiver:
 
     With `in_place`, payloads are read-only views of the ring instead of copies, and their
     space is freed only once `on_records` returns: it must not keep them (copy what it
-    keeps). That saves a copy of every record for a consumer that is done with each batch
-    when it returns, as the worker is (handlers get bytes).
+    keeps), and a view must not be read after that. That saves a copy of every record
+    for a consumer that is done with each batch when it returns, as the worker is
+    (handlers get bytes). Not for the conn process: it keeps reply payloads until their
+    socket takes them. Either way the batch counts as taken (ring.py's records_read)
+    before `on_records` runs, so a consumer that dies in it never gets it replayed.
     """
 
     def __init__(
@@ -203,13 +207,8 @@ class RingReceiver:
 
     def drain_now(self) -> None:
         """Drain everything available, ignoring pause (used at shutdown)."""
-        while True:
-            records = self._reader.read_batch(self._batch, self._in_place)
-            if not records:
-                return
-            self._on_records(records)
-            del records  # in place: the views go before their space does
-            self._reader.release()
+        while self._take_batch():
+            pass
 
     def _on_wake(self) -> None:
         self._reader.woken()
@@ -231,17 +230,30 @@ class RingReceiver:
     def _drain(self) -> None:
         if self._paused or not self._started:
             return
+        taken = self._take_batch()
+        if taken and (taken == self._batch or self._paused):
+            # More may be waiting: come back after other callbacks had their turn.
+            if not self._paused:
+                self._schedule_drain()
+            return
+        if not self._reader.prepare_sleep():
+            self._schedule_drain()
+
+    def _take_batch(self) -> int:
+        """Read a batch and hand it to on_records; returns how many records it held."""
         reader = self._reader
         records = reader.read_batch(self._batch, self._in_place)
-        if records:
+        if not records:
+            return 0
+        taken = len(records)
+        if not self._in_place:
+            reader.release()  # copies: free the space at once
             self._on_records(records)
-            full = len(records) == self._batch
-            del records  # in place: the views go before their space does
+            return taken
+        reader.mark_taken()
+        try:
+            self._on_records(records)
+        finally:
+            del records  # the views go before their space does
             reader.release()
-            if full or self._paused:
-                # More may be waiting: come back after other callbacks had their turn.
-                if not self._paused:
-                    self._schedule_drain()
-                return
-        if not reader.prepare_sleep():
-            self._schedule_drain()
+        return taken

@@ -7,11 +7,13 @@ Layout (every shared u64 alone on its own 64-byte line, so reads are never torn)
     128  read_pos           consumer publishes; monotonic byte count
     192  reader_sleeping    consumer sets before it waits on its wake pipe
     256  writer_waiting     producer sets before it waits for space
-    320  records_read       consumer publishes with read_pos: records taken so far
+    320  records_read       consumer publishes as it takes records: records taken so far
     DATA_OFFSET             capacity bytes of records
 
 `records_read` lets the producer tell, after the consumer died, which of its records the
 consumer had taken (those may be half done) and which it never saw (those can be replayed).
+So it is published when records are taken, before they are handled; `read_pos` (their
+space) may follow later, once the consumer is done with them (see RingReceiver in_place).
 
 A record is a 16-byte header (payload length u32, kind u32, connection id u64) and its
 payload, padded to 8 bytes. A record never wraps: when it does not fit before the end, the
@@ -230,8 +232,15 @@ class RingReader(ReaderCore, _RingSide):
         self._read = write
         self.release()
 
+    def mark_taken(self) -> None:
+        """Publish how many records we have taken, before handling them: if we die while
+        handling them, the producer counts them as taken (maybe half done), never as
+        unseen records to send again to our replacement."""
+        self._words[_RECORDS_READ] = self._records_read
+
     def release(self) -> None:
-        """Publish our read position; wake the producer if it waits for room."""
+        """Publish our read position (and records taken); wake the producer if it waits
+        for room."""
         words = self._words
         if words[_READ_POS] == self._read:
             return
