@@ -130,7 +130,12 @@ class _RingSide:
         self.detach()
         self._words.release()
         self._buf = None
-        self._shm.close()
+        try:
+            self._shm.close()
+        except BufferError:
+            # A view read in place is still referenced (say, from a traceback someone
+            # kept): leave the mapping to the process's exit rather than fail its shutdown.
+            pass
 
 
 # Past this offset an empty ring starts again at 0 (see the module docstring).
