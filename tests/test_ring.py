@@ -771,6 +771,9 @@ async def test_receiver_wakes_on_pipe_after_idle(make_ring):
 )
 @example(capacity=512, rewind_at=64, ops=[("write", 100, 1), ("drain",), ("write", 100, 2)])  # rewind
 @example(capacity=512, rewind_at=REWIND_AT, ops=[("write", 100, 1)] * 5 + [("drain",), ("write", 100, 2)])  # wrap
+@example(  # kind 0xFFFFFFFF would read as a wrap marker: both refuse it
+    capacity=512, rewind_at=64, ops=[("write", 57, 0), ("drain",), ("write", 0, 2**32 - 1), ("drain",), ("write", 0, 0)]
+)
 def test_c_and_python_cores_agree(capacity, rewind_at, ops):
     """The C per-record steps (_ring_core.c) and the Python ones (ring_core.py) given the
     same operations: the same answers, positions and counts, and byte for byte the same

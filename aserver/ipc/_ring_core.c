@@ -114,6 +114,10 @@ static PyObject *writer_try_write(Core *self, PyObject *const *args, Py_ssize_t 
         PyErr_SetString(PyExc_OverflowError, "record kind does not fit in 32 bits");
         return NULL;
     }
+    if (kind == KIND_WRAP) {
+        PyErr_SetString(PyExc_ValueError, "record kind 0xFFFFFFFF is the ring's wrap marker");
+        return NULL;
+    }
     unsigned long long conn_id = PyLong_AsUnsignedLongLong(args[1]);
     if (conn_id == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
     PyObject *source = args[2];

@@ -52,6 +52,8 @@ class WriterCore(_Core):
     def try_write(self, kind: int, conn_id: int, payload: bytes | bytearray | memoryview | list) -> bool:
         """Copy one record in, or return False when there is no room (nothing written).
         A list payload is its parts one after another (C copies them in without joining)."""
+        if kind == KIND_WRAP:
+            raise ValueError("record kind 0xFFFFFFFF is the ring's wrap marker")
         if type(payload) is list:
             payload = b"".join(payload)
         length = len(payload)
