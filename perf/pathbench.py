@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from aserver.conn.client_protocol import ClientProtocol  # noqa: E402
 from aserver.conn.server import ConnServer  # noqa: E402
 from aserver.ipc.channel import RingReceiver, RingSender  # noqa: E402
+from aserver.metrics import WorkerMetrics  # noqa: E402
 from aserver.protocol import PacketCodec  # noqa: E402
 from aserver.settings import from_dict  # noqa: E402
 from aserver.supervisor.child import open_consumer, open_producer  # noqa: E402
@@ -75,7 +76,7 @@ class CountingTransport:
 
 
 async def measure(connections: int, depths: list[int], body: int, requests: int, profile: int | None,
-                  ring_size: int) -> None:
+                  ring_size: int, metrics: bool) -> None:
     loop = asyncio.get_running_loop()
     rings = RingSet(f"aserver-pathbench-{os.getpid()}", 1, 1, ring_size)
     try:
@@ -86,7 +87,7 @@ async def measure(connections: int, depths: list[int], body: int, requests: int,
         for link in server.links:
             link.receiver.start()
         codec = PacketCodec()
-        dispatcher = Dispatcher(app, codec, loop, 64, 100_000)
+        dispatcher = Dispatcher(app, codec, loop, 64, 100_000, metrics=WorkerMetrics() if metrics else None)
         dispatcher.attach([RingSender(open_producer(reply_producer), loop, dispatcher.on_room)],
                           [RingReceiver(open_consumer(request_consumer), loop, dispatcher.on_records, in_place=True)])
         dispatcher.start()
@@ -137,9 +138,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200_000, help="requests per timed pass")
     parser.add_argument("--profile", type=int, help="cProfile one pass at this depth")
     parser.add_argument("--ring-size", type=int, default=8 * 1024 * 1024, help="bytes per ring (ring.size)")
+    parser.add_argument("--metrics", action="store_true", help="the worker keeps [metrics] (latency, replies)")
     args = parser.parse_args()
     uvloop.run(measure(args.connections, [int(d) for d in args.depths.split(",")], args.body, args.requests,
-                       args.profile, args.ring_size))
+                       args.profile, args.ring_size, args.metrics))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import pytest
 
 from aserver.app import App, Reply, Request, Status
 from aserver.ipc import records
+from aserver.metrics import WorkerMetrics
 from aserver.protocol import HEADER_SIZE, ByteOrder, PacketCodec
 from aserver.worker import dispatcher as dispatcher_module
 from aserver.worker.dispatcher import Dispatcher
@@ -65,9 +66,9 @@ def inline_loop(request):
     INLINE_LOOP[0] = request.param
 
 
-def make(app, concurrency=4, packet_codec=codec):
+def make(app, concurrency=4, packet_codec=codec, metrics=None):
     loop = asyncio.get_running_loop()
-    d = Dispatcher(app, packet_codec, loop, concurrency, 1000)
+    d = Dispatcher(app, packet_codec, loop, concurrency, 1000, metrics=metrics)
     sender = FakeSender()
     d.attach([sender], [FakeReceiver()])
     if INLINE_LOOP[0] == "python":
@@ -349,3 +350,28 @@ async def test_network_byte_order_headers_are_read_and_written_in_it():
         pos += length
     assert got == [(0x0A0B0C00 + n, 0x0102, 0, 0x11223344 + n, b"x" * n + (0x11223344 + n).to_bytes(4, "big"))
                    for n in range(3)]
+
+
+async def test_metrics_count_every_inline_request_and_reply():
+    """With metrics on, each request is timed once and each reply counted by status,
+    whichever way it ended (the C loop times them itself and hands the rest back)."""
+    app = App()
+    app.handler(1)(lambda request: request.body)
+    app.handler(2)(lambda request: Reply(b"r", status=7))
+    app.handler(3)(lambda request: None)
+
+    @app.handler(4)
+    def broken(request):
+        raise RuntimeError("boom")
+
+    metrics = WorkerMetrics()
+    d, sender = make(app, metrics=metrics)
+    d.on_records([(records.PACKETS, CONN_A, run((1, 1, b"a"), (2, 2, b""), (3, 3, b""), (4, 4, b""), (5, 1, b"b")))])
+    d._flush()
+    replies, acks = replies_and_acks(sender, CONN_A)
+    assert [(seq, status) for seq, status, _ in replies] == [(1, 0), (2, 7), (4, Status.HANDLER_ERROR), (5, 0)]
+    assert acks == 5
+    observed = {cmd: sum(counts[:-1]) for cmd, counts in metrics.latency.items()}
+    assert observed == {1: 2, 2: 1, 3: 1, 4: 1}
+    assert all(counts[-1] >= 0 for counts in metrics.latency.values())
+    assert metrics.replies == {1 << 32: 2, 2 << 32 | 7: 1, 4 << 32 | Status.HANDLER_ERROR: 1}

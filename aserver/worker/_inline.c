@@ -16,6 +16,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 #define HEADER_SIZE 18
 
@@ -27,8 +28,11 @@ typedef struct {
     PyObject *new_box;       /* callable(conn_id) -> box */
     PyObject *request_type;  /* aserver.app.Request */
     PyObject *cancelled;     /* asyncio.CancelledError */
+    PyObject *metrics;       /* WorkerMetrics or None */
     PyObject *closed_name;   /* "closed" */
     PyObject *id_name;       /* "id" */
+    PyObject *observe_name;  /* "observe" */
+    PyObject *reply_name;    /* "reply" */
     int big_endian;
     Py_ssize_t max_body;
 } Runner;
@@ -53,14 +57,15 @@ static void put_u16(unsigned char *p, uint16_t v, int big) {
 
 static int runner_init(Runner *self, PyObject *args, PyObject *kwds) {
     static char *names[] = {"handlers", "fallback", "outbox", "new_box", "request_type", "cancelled",
-                            "big_endian", "max_body", NULL};
-    PyObject *handlers, *fallback, *outbox, *new_box, *request_type, *cancelled;
+                            "big_endian", "max_body", "metrics", NULL};
+    PyObject *handlers, *fallback, *outbox, *new_box, *request_type, *cancelled, *metrics = Py_None;
     int big_endian;
     Py_ssize_t max_body;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OO!OOOpn", names, &PyDict_Type, &handlers, &fallback,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OO!OOOpn|O", names, &PyDict_Type, &handlers, &fallback,
                                      &PyDict_Type, &outbox, &new_box, &request_type, &cancelled, &big_endian,
-                                     &max_body))
+                                     &max_body, &metrics))
         return -1;
+    Py_XSETREF(self->metrics, Py_NewRef(metrics));
     Py_XSETREF(self->handlers, Py_NewRef(handlers));
     Py_XSETREF(self->fallback, Py_NewRef(fallback));
     Py_XSETREF(self->outbox, Py_NewRef(outbox));
@@ -69,6 +74,9 @@ static int runner_init(Runner *self, PyObject *args, PyObject *kwds) {
     Py_XSETREF(self->cancelled, Py_NewRef(cancelled));
     if (self->closed_name == NULL && (self->closed_name = PyUnicode_InternFromString("closed")) == NULL) return -1;
     if (self->id_name == NULL && (self->id_name = PyUnicode_InternFromString("id")) == NULL) return -1;
+    if (self->observe_name == NULL && (self->observe_name = PyUnicode_InternFromString("observe")) == NULL)
+        return -1;
+    if (self->reply_name == NULL && (self->reply_name = PyUnicode_InternFromString("reply")) == NULL) return -1;
     self->big_endian = big_endian;
     self->max_body = max_body;
     return 0;
@@ -81,6 +89,7 @@ static int runner_traverse(Runner *self, visitproc visit, void *arg) {
     Py_VISIT(self->new_box);
     Py_VISIT(self->request_type);
     Py_VISIT(self->cancelled);
+    Py_VISIT(self->metrics);
     return 0;
 }
 
@@ -91,8 +100,11 @@ static int runner_clear(Runner *self) {
     Py_CLEAR(self->new_box);
     Py_CLEAR(self->request_type);
     Py_CLEAR(self->cancelled);
+    Py_CLEAR(self->metrics);
     Py_CLEAR(self->closed_name);
     Py_CLEAR(self->id_name);
+    Py_CLEAR(self->observe_name);
+    Py_CLEAR(self->reply_name);
     return 0;
 }
 
@@ -131,6 +143,30 @@ static PyObject *get_box(Runner *self, PyObject *conn_id) {
     return box;
 }
 
+/* time.perf_counter() (CLOCK_MONOTONIC on Linux), what the Python loop reads. */
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* metrics.<name>(cmd, value); 0 or -1 with an exception set. */
+static int record(Runner *self, PyObject *name, int cmd, PyObject *value) {
+    if (value == NULL) return -1;
+    PyObject *cmd_obj = PyLong_FromLong(cmd);
+    if (cmd_obj == NULL) {
+        Py_DECREF(value);
+        return -1;
+    }
+    PyObject *call_args[3] = {self->metrics, cmd_obj, value};
+    PyObject *result = PyObject_VectorcallMethod(name, call_args, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    Py_DECREF(cmd_obj);
+    Py_DECREF(value);
+    if (result == NULL) return -1;
+    Py_DECREF(result);
+    return 0;
+}
+
 /* (pos, ran, unusual); steals `unusual`, which is NULL after a failed build (error set). */
 static PyObject *unusual_result(Py_ssize_t pos, Py_ssize_t ran, PyObject *unusual) {
     return unusual == NULL ? NULL : Py_BuildValue("(nnN)", pos, ran, unusual);
@@ -159,6 +195,9 @@ static PyObject *runner_run(Runner *self, PyObject *const *args, Py_ssize_t narg
     const unsigned char *data = (const unsigned char *)view.buf;
     Py_ssize_t size = view.len;
     int big = self->big_endian;
+    int timed = self->metrics != Py_None;
+    /* As the Python loop: each request's time runs from the end of the previous one. */
+    double started = timed ? now() : 0.0;
     Py_ssize_t ran = 0;
     PyObject *out = NULL;
     while (pos < size) {
@@ -200,6 +239,22 @@ static PyObject *runner_run(Runner *self, PyObject *const *args, Py_ssize_t narg
             Py_DECREF(request);
         }
         pos += length;
+        if (timed) {
+            double finished = now();
+            PyObject *saved_type, *saved_value, *saved_traceback;
+            PyErr_Fetch(&saved_type, &saved_value, &saved_traceback); /* the handler's, if it raised */
+            int failed = record(self, self->observe_name, cmd, PyFloat_FromDouble(finished - started));
+            started = finished;
+            if (failed) {
+                Py_XDECREF(saved_type);
+                Py_XDECREF(saved_value);
+                Py_XDECREF(saved_traceback);
+                Py_XDECREF(result);
+                Py_DECREF(handler);
+                goto done;
+            }
+            PyErr_Restore(saved_type, saved_value, saved_traceback);
+        }
         if (result == NULL) { /* the Request could not be built (MemoryError), or the handler raised */
             /* Exception and CancelledError are the handler's failure: Python answers
                them. Anything else (KeyboardInterrupt, SystemExit) propagates. */
@@ -263,8 +318,10 @@ static PyObject *runner_run(Runner *self, PyObject *const *args, Py_ssize_t narg
                 goto done;
             }
         }
+        int sent = result != Py_None;
         Py_DECREF(result);
         int ack_failed = box_add(box, 1, 1) < 0;
+        if (!ack_failed && sent && timed) ack_failed = record(self, self->reply_name, cmd, PyLong_FromLong(0)) < 0;
         Py_DECREF(box);
         if (ack_failed) goto done;
         ran += 1;

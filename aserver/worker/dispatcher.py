@@ -91,12 +91,12 @@ class Dispatcher:
         self.senders = senders
         self.receivers = receivers
         self.max_reply = min(sender.max_payload for sender in senders)
-        # Not with metrics on: they time each request, which the C loop does not.
-        if _c_inline is not None and self.metrics is None:
+        if _c_inline is not None:
             self._fast_inline = _c_inline.InlineRunner(
                 handlers=self.inline_handlers, fallback=self.inline_fallback, outbox=self._outbox,
                 new_box=self._new_box, request_type=Request, cancelled=asyncio.CancelledError,
                 big_endian=self.codec.byte_order is ByteOrder.NETWORK, max_body=self.max_reply - HEADER_SIZE,
+                metrics=self.metrics,
             )
 
     def start(self) -> None:
