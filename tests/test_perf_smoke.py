@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import shutil
 import socket
 import subprocess
@@ -169,3 +171,14 @@ async def test_load_protocol_verifies_stream() -> None:
     proto.data_received(ring[2 * pkt : 3 * pkt] + ring[pkt : 2 * pkt])  # replies swapped
     assert stats.errors == 2 and transport.closed
     assert "seq_num" in stats.error_samples[0]
+
+
+@pytest.mark.parametrize("pure_python", ["", "1"])
+def test_ringbench_runs_on_either_core(pure_python: str) -> None:
+    env = {**os.environ, "ASERVER_PURE_PYTHON": pure_python}
+    proc = subprocess.run([sys.executable, str(PERF / "ringbench.py"), "--records", "2000", "--rounds", "1"],
+                          capture_output=True, text=True, timeout=60, cwd=PERF.parent, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert re.fullmatch(r"(C: .+|pure Python): \d+\.\d\d us per 100-byte record written and read\n", proc.stdout)
+    if pure_python:
+        assert proc.stdout.startswith("pure Python")

@@ -847,3 +847,27 @@ async def test_a_queued_list_payload_is_what_its_parts_held_when_sent(make_ring)
             break
         await asyncio.sleep(0.01)
     assert [(conn_id, payload) for kind, conn_id, payload in got if kind == 2] == [(7, b"HDR:before")]
+
+
+def test_a_view_read_in_place_stays_readable_after_close(make_ring):
+    """A payload view kept past its batch (say, through a traceback someone kept) must
+    not crash whoever reads it once the ring is closed: close() leaves the mapping."""
+    pair = make_ring(4096)
+    assert pair.writer.try_write(1, 2, b"hello")
+    pair.writer.publish()
+    (_, _, view), = pair.reader.read_batch(10, True)
+    assert isinstance(view, memoryview) and view.readonly
+    pair.close()
+    assert bytes(view) == b"hello"
+
+
+def test_a_stale_c_module_is_not_used(monkeypatch):
+    """A C module built from older sources (its ABI number differs) falls back to Python."""
+    from aserver import native
+
+    module = "aserver.ipc._ring_core"
+    what, abi = native.MODULES[module]
+    monkeypatch.setitem(native.MODULES, module, (what, abi + 1))
+    assert native.native(module) is None
+    monkeypatch.setitem(native.MODULES, module, (what, abi))
+    assert (native.native(module) is None) == (ring_module._c_core is None)

@@ -18,6 +18,10 @@
 #error "records are little-endian and copied as native words; use ring_core.py on this host"
 #endif
 
+/* What aserver/native.py expects: raise it whenever a call's signature or meaning
+   changes, so a stale build is not used. */
+#define RING_CORE_ABI 2
+
 #define DATA_OFFSET 384
 #define HEADER_SIZE 16
 #define KIND_WRAP 0xFFFFFFFFu
@@ -33,6 +37,7 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     Py_buffer view; /* the whole segment; released by detach() */
+    PyObject *segment; /* a read-only memoryview of it: in-place payloads are slices of it */
     char *base;
     unsigned long long capacity;
     unsigned long long position; /* _write or _read: this side's own position */
@@ -58,10 +63,20 @@ static int core_init(Core *self, PyObject *args, PyObject *Py_UNUSED(kwds)) {
     PyObject *buffer = PyObject_GetAttrString(shm, "buf");
     if (buffer == NULL) return -1;
     int failed = PyObject_GetBuffer(buffer, &self->view, PyBUF_WRITABLE) < 0;
+    if (!failed) {
+        /* Slices of this keep the mapping's export alive, so a view kept past close()
+           stays readable (close() then leaves the mapping to the process's exit). */
+        Py_XSETREF(self->segment, PyObject_CallMethod(buffer, "toreadonly", NULL));
+        if (self->segment == NULL) {
+            PyBuffer_Release(&self->view);
+            failed = 1;
+        }
+    }
     Py_DECREF(buffer);
     if (failed) return -1;
     if (self->view.len < DATA_OFFSET) {
         PyBuffer_Release(&self->view);
+        Py_CLEAR(self->segment);
         PyErr_SetString(PyExc_ValueError, "segment smaller than a ring header");
         return -1;
     }
@@ -69,6 +84,7 @@ static int core_init(Core *self, PyObject *args, PyObject *Py_UNUSED(kwds)) {
     self->capacity = load_word(self, 0);
     if (self->capacity == 0 || self->capacity > (unsigned long long)self->view.len - DATA_OFFSET) {
         PyBuffer_Release(&self->view);
+        Py_CLEAR(self->segment);
         self->base = NULL;
         PyErr_SetString(PyExc_ValueError, "segment does not hold the capacity its header says");
         return -1;
@@ -84,11 +100,13 @@ static PyObject *core_detach(Core *self, PyObject *Py_UNUSED(unused)) {
         self->base = NULL;
         PyBuffer_Release(&self->view);
     }
+    Py_CLEAR(self->segment);
     Py_RETURN_NONE;
 }
 
 static void core_dealloc(Core *self) {
     if (self->base != NULL) PyBuffer_Release(&self->view);
+    Py_CLEAR(self->segment);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -247,7 +265,8 @@ static PyObject *reader_read_batch(Core *self, PyObject *const *args, Py_ssize_t
         if (record == NULL) goto fail;
         PyTuple_SET_ITEM(record, 0, PyLong_FromUnsignedLong(header.kind));
         PyTuple_SET_ITEM(record, 1, PyLong_FromUnsignedLongLong(header.conn_id));
-        PyTuple_SET_ITEM(record, 2, in_place ? PyMemoryView_FromMemory((char *)at + HEADER_SIZE, header.length, PyBUF_READ)
+        Py_ssize_t start = (Py_ssize_t)(DATA_OFFSET + offset + HEADER_SIZE);
+        PyTuple_SET_ITEM(record, 2, in_place ? PySequence_GetSlice(self->segment, start, start + header.length)
                                              : PyBytes_FromStringAndSize(at + HEADER_SIZE, header.length));
         if (PyTuple_GET_ITEM(record, 0) == NULL || PyTuple_GET_ITEM(record, 1) == NULL ||
             PyTuple_GET_ITEM(record, 2) == NULL || PyList_Append(records, record) < 0) {
@@ -276,7 +295,7 @@ static PyMethodDef writer_methods[] = {
 static PyMethodDef reader_methods[] = {
     {"read_batch", (PyCFunction)(void (*)(void))reader_read_batch, METH_FASTCALL,
      "Up to `limit` records as (kind, conn_id, payload); does not free them. Payloads are copies, "
-     "or with in_place views of the ring (valid until release)."},
+     "or with in_place read-only views of the ring (their bytes are valid until release)."},
     {"detach", (PyCFunction)core_detach, METH_NOARGS, "Let go of the segment's buffer (before it is closed)."},
     {NULL},
 };
@@ -337,7 +356,8 @@ PyMODINIT_FUNC PyInit__ring_core(void) {
     if (m == NULL) return NULL;
     Py_INCREF(&WriterCoreType);
     Py_INCREF(&ReaderCoreType);
-    if (PyModule_AddObject(m, "WriterCore", (PyObject *)&WriterCoreType) < 0 ||
+    if (PyModule_AddIntConstant(m, "ABI", RING_CORE_ABI) < 0 ||
+        PyModule_AddObject(m, "WriterCore", (PyObject *)&WriterCoreType) < 0 ||
         PyModule_AddObject(m, "ReaderCore", (PyObject *)&ReaderCoreType) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -36,7 +36,7 @@ class RingSender:
         self._writer = writer
         self._loop = loop
         self._on_room = on_room
-        self._overflow: deque[tuple[int, int, bytes | bytearray | memoryview | list]] = deque()
+        self._overflow: deque[tuple[int, int, bytes | bytearray | memoryview]] = deque()
         self._publish_scheduled = False
         self._waiting = False
         self._poll: asyncio.TimerHandle | None = None
@@ -65,7 +65,9 @@ class RingSender:
         self._stop_waiting()
         self._writer.discard_unread()
 
-    def send(self, kind: int, conn_id: int, payload: bytes | bytearray | memoryview | list) -> bool:
+    def send(
+        self, kind: int, conn_id: int, payload: bytes | bytearray | memoryview | list[bytes | bytearray | memoryview]
+    ) -> bool:
         """Write (or queue) one record; a list payload is its parts back to back."""
         writer = self._writer
         if not self._overflow and writer.try_write(kind, conn_id, payload):
@@ -157,7 +159,7 @@ class RingReceiver:
         self,
         reader: RingReader,
         loop: asyncio.AbstractEventLoop,
-        on_records: Callable[[list[tuple[int, int, bytes]]], None],
+        on_records: Callable[[list[tuple[int, int, bytes | memoryview]]], None],
         batch: int = 512,
         in_place: bool = False,
     ) -> None:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from multiprocessing import shared_memory
 
 from aserver.ipc import ring_core
@@ -45,7 +46,6 @@ from aserver.native import native
 
 # The per-record steps in C when they were built (see ring_core.py).
 _c_core = native("aserver.ipc._ring_core")
-CORE = "python" if _c_core is None else "c"
 ReaderCore, WriterCore = (_c_core or ring_core).ReaderCore, (_c_core or ring_core).WriterCore
 
 _CAPACITY, _WRITE_POS, _READ_POS, _READER_SLEEPING, _WRITER_WAITING, _RECORDS_READ = 0, 8, 16, 24, 32, 40
@@ -116,6 +116,7 @@ class _RingSide:
 
     capacity: int
     max_payload: int
+    detach: Callable[[], None]  # the core's: let go of the segment's buffer
 
     def __init__(self, shm: shared_memory.SharedMemory) -> None:
         self._shm = shm  # keeps the mapping alive as long as the views below
@@ -162,8 +163,9 @@ class RingWriter(WriterCore, _RingSide):
         self._read = self._words[_READ_POS]
         # Records ever written (continues across consumers: the consumer's records_read
         # counts the same sequence). Read from two words that a live consumer publishes
-        # separately: only sound while no consumer is reading, which holds because a
-        # producer attaches only at start-up or after the consumer skipped everything.
+        # separately (records_read leads read_pos for a whole batch read in place): only
+        # sound while no consumer is reading, which holds because a producer attaches only
+        # at start-up or after the consumer skipped everything, between its batches.
         self.records_written = self._words[_RECORDS_READ] + count_records(
             self._buf, self.capacity, self._words[_READ_POS], self._write
         )

@@ -18,6 +18,10 @@
 #include <string.h>
 #include <time.h>
 
+/* What aserver/native.py expects: raise it whenever a call's signature or meaning
+   changes, so a stale build is not used. */
+#define INLINE_ABI 2
+
 #define HEADER_SIZE 18
 
 typedef struct {
@@ -364,7 +368,8 @@ PyMODINIT_FUNC PyInit__inline(void) {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
     Py_INCREF(&RunnerType);
-    if (PyModule_AddObject(m, "InlineRunner", (PyObject *)&RunnerType) < 0) {
+    if (PyModule_AddIntConstant(m, "ABI", INLINE_ABI) < 0 ||
+        PyModule_AddObject(m, "InlineRunner", (PyObject *)&RunnerType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -15,7 +15,9 @@ import asyncio
 import inspect
 import logging
 from collections import Counter
+from collections.abc import Callable
 from time import perf_counter
+from typing import Any
 
 import msgspec
 
@@ -85,7 +87,7 @@ class Dispatcher:
         # Latency and replies by cmd_id for the Prometheus endpoint; None when metrics are
         # off, and then the request path reads no clock.
         self.metrics = metrics
-        self._fast_inline = None  # set by attach
+        self._fast_inline: Any = None  # the C InlineRunner, set by attach when it was built
 
     def attach(self, senders: list[RingSender], receivers: list[RingReceiver]) -> None:
         self.senders = senders
@@ -228,7 +230,7 @@ class Dispatcher:
         self.stats["requests"] += count
         return pos
 
-    def _answer_unusual(self, conn: Connection, seq: int, cmd: int, user: int, handler,
+    def _answer_unusual(self, conn: Connection, seq: int, cmd: int, user: int, handler: Callable,
                         result: object, exc: BaseException | None) -> None:
         """A request the C loop ran and hands back: it failed, or its result is not plain
         bytes that fit, or its connection closed meanwhile."""
