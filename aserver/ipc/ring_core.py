@@ -96,6 +96,11 @@ class ReaderCore(_Core):
         super().__init__(shm)
         self._read = 0  # our position, published by ring.py
         self._records_read = 0
+        self._seg_view = shm.buf.toreadonly()  # in-place payloads are slices of it
+
+    def detach(self) -> None:
+        self._seg_view.release()
+        super().detach()
 
     def read_batch(self, limit: int, in_place: bool = False) -> list[tuple[int, int, bytes | memoryview]]:
         """Up to `limit` records as (kind, conn_id, payload); does not free them. Payloads
@@ -106,7 +111,7 @@ class ReaderCore(_Core):
         if read == write:
             return []
         buf = self._seg_buf
-        mapped = self._seg_map if not in_place else self._seg_buf.toreadonly()
+        mapped = self._seg_map if not in_place else self._seg_view
         capacity = self.capacity
         unpack = RECORD_HEADER.unpack_from
         records = []

@@ -214,17 +214,19 @@ class Dispatcher:
             handler = inline.get(cmd, fallback)
             if handler is None:
                 break
+            error = None
             try:
                 result = handler(Request(seq, cmd, status, user, payload[pos + HEADER_SIZE : pos + length], conn))
-                if type(result) is not bytes and result is not None:
-                    result = reply_parts(result)
             except (Exception, asyncio.CancelledError) as exc:  # nothing of ours to cancel here
-                result = self._failed(conn, seq, cmd, handler, exc)
+                result, error = None, exc
             if metrics is not None:
                 now = perf_counter()
                 metrics.observe(cmd, now - started)
                 started = now
-            answer(conn, seq, cmd, user, result)
+            if error is None and (type(result) is bytes or result is None):
+                answer(conn, seq, cmd, user, result)
+            else:  # what the C loop hands back, answered the same way
+                self._answer_unusual(conn, seq, cmd, user, handler, result, error)
             pos += length
             count += 1
         self.stats["requests"] += count
@@ -232,8 +234,8 @@ class Dispatcher:
 
     def _answer_unusual(self, conn: Connection, seq: int, cmd: int, user: int, handler: Callable,
                         result: object, exc: BaseException | None) -> None:
-        """A request the C loop ran and hands back: it failed, or its result is not plain
-        bytes that fit, or its connection closed meanwhile."""
+        """A request that failed or whose result is not plain bytes/None (from either inline
+        loop; the C one also hands back bytes too big or for a closed connection)."""
         if exc is None and type(result) is not bytes and result is not None:
             try:
                 result = reply_parts(result)
