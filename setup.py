@@ -7,5 +7,6 @@ setup(
     ext_modules=[
         Extension("aserver.ipc._ring_core", ["aserver/ipc/_ring_core.c"], optional=True),
         Extension("aserver.worker._inline", ["aserver/worker/_inline.c"], optional=True),
+        Extension("aserver.conn._conn_core", ["aserver/conn/_conn_core.c"], optional=True),
     ]
 )

@@ -20,6 +20,7 @@ log = logging.getLogger("aserver")
 MODULES = {
     "aserver.ipc._ring_core": ("ring records", 2),
     "aserver.worker._inline": ("worker inline loop", 2),
+    "aserver.conn._conn_core": ("conn per-request steps", 1),
 }
 
 

@@ -7,14 +7,18 @@ import logging
 from collections import deque
 from typing import TYPE_CHECKING
 
-import msgspec
-
+from aserver.conn import conn_core
+from aserver.conn.conn_core import InFlight
 from aserver.conn.routing import ConnectionInfo
-from aserver.protocol import FrameDecoder, ProtocolError
+from aserver.native import native
+from aserver.protocol import ByteOrder, FrameDecoder, ProtocolError
 from aserver.protocol.proxy_header import ProxyHeaderError, ProxyHeaderParser
 
 if TYPE_CHECKING:
-    from aserver.conn.server import ConnServer
+    from aserver.conn.server import ConnServer, WorkerLink
+
+# The per-request steps in C when they were built (see conn_core.py).
+ConnCore: type[conn_core.ConnCore] = (native("aserver.conn._conn_core") or conn_core).ConnCore
 
 log = logging.getLogger("aserver.conn")
 
@@ -30,20 +34,22 @@ PROXY_HEADER = 1  # a PROXY protocol header is still expected
 DISCARDING = 2  # stopping or after a protocol error: read and thrown away
 
 
-class InFlight(msgspec.Struct, gc=False):
-    """A run of requests sent to a worker and not all answered yet. A Struct: one is made
-    per ring record, and that is cheaper than a Python __init__. Not GC-tracked (it
-    holds only ints and a buffer, so it can be in no cycle)."""
+class ClientProtocolBase(asyncio.Protocol):
+    """Everything about a connection but its per-request steps, which ClientProtocol
+    takes from ConnCore (the C core when built)."""
 
-    record: int  # the ring record's sequence number
-    remaining: int  # requests of the run the worker has not finished
-    run: bytes | bytearray | memoryview
-
-
-class ClientProtocol(asyncio.Protocol):
     def __init__(self, server: ConnServer) -> None:
         self._server = server
         self._decoder = FrameDecoder(server.codec, server.max_packet_size)
+        # What the C core frames by without the decoder (while nothing is buffered).
+        self.max_packet_size = server.max_packet_size
+        self.big_endian = server.codec.byte_order is ByteOrder.NETWORK
+        self.max_reply_backlog = server.max_reply_backlog
+        self.stats = server.stats
+        self.partial = False  # the decoder holds the start of a packet
+        # The worker link all requests go to (pinned routing, no in-conn handlers), once
+        # admitted: the C core then sends a run itself. None: always through the server.
+        self.link: WorkerLink | None = None
         self._paused = 0
         self.blocking_links = 0  # bit per worker whose full ring paused our reads
         self._replies: list[bytes] = []
@@ -88,7 +94,9 @@ class ClientProtocol(asyncio.Protocol):
         self.stage = PROXY_HEADER
         self._proxy_parser = ProxyHeaderParser()
 
-    def data_received(self, data: bytes) -> None:
+    def receive(self, data: bytes) -> None:
+        """A read: frame it and forward its complete packets (ConnCore.data_received
+        calls this for every read, the C core for every read it does not handle itself)."""
         if self.stage:
             data = self._before_framing(data)
             if not data:
@@ -100,6 +108,8 @@ class ClientProtocol(asyncio.Protocol):
                 self._server.forward(self, exc.run, exc.count)
             self._server.protocol_error(self, str(exc))
             return
+        finally:
+            self.partial = self._decoder.buffered > 0
         if run:
             self.progress = True
             self._server.forward(self, run, self._decoder.count)
@@ -132,46 +142,8 @@ class ClientProtocol(asyncio.Protocol):
         self.closed = True
         self._server.closed(self)
 
-    # Requests in flight ----------------------------------------------------------------
-
-    def sent(self, worker: int, record: int, count: int, run: bytes | bytearray | memoryview) -> None:
-        queue = self.inflight.get(worker)
-        if queue is None:
-            queue = self.inflight[worker] = deque()
-        queue.append(InFlight(record, count, run))
-        self.outstanding += count
-
-    def answered(self, worker: int, count: int) -> None:
-        """The worker finished `count` more of our requests."""
-        queue = self.inflight.get(worker)
-        self.outstanding -= count
-        while count and queue:
-            head = queue[0]
-            if head.remaining > count:
-                head.remaining -= count
-                return
-            count -= head.remaining
-            queue.popleft()
-
-    # Replies -----------------------------------------------------------------------
-
-    def queue_reply(self, packets: bytes) -> bool:
-        """Buffer replies until `flush_replies`; returns True if this is the first."""
-        self._replies.append(packets)
-        return len(self._replies) == 1
-
-    def flush_replies(self) -> None:
-        replies = self._replies
-        if not replies:
-            return
-        self._replies = []
-        transport = self.transport
-        if self.closed or self.eof_sent or transport is None or transport.is_closing():
-            return  # late replies (a stop that timed out) are dropped; the log says how many
-        transport.writelines(replies) if len(replies) > 1 else transport.write(replies[0])
-        backlog = transport.get_write_buffer_size()
-        if backlog > self._server.max_reply_backlog:
-            self._server.slow_reader(self, backlog)
+    def too_much_unread(self, backlog: int) -> None:
+        self._server.slow_reader(self, backlog)
 
     # Flow control ------------------------------------------------------------------
 
@@ -217,3 +189,7 @@ class ClientProtocol(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+
+class ClientProtocol(ConnCore, ClientProtocolBase):  # type: ignore[valid-type,misc]
+    """A client connection in a conn process."""

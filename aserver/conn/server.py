@@ -49,10 +49,15 @@ class WorkerLink:
             return
         conn.sent(self.index, sender.records_sent, count, run)
         if not sender.send(records.PACKETS, conn.conn_id, run) and not conn.closed:
-            log.debug("ring to worker %d full: pausing connection %x", self.index, conn.conn_id)
-            conn.blocking_links |= 1 << self.index
-            conn.pause(PAUSED_FOR_RING)
-            self.blocked.add(conn)
+            self.ring_full(conn)
+
+    def ring_full(self, conn: ClientProtocol) -> None:
+        """conn's last run had to wait for room in this ring: read no more from it until
+        there is room (ClientProtocol's C core calls this too)."""
+        log.debug("ring to worker %d full: pausing connection %x", self.index, conn.conn_id)
+        conn.blocking_links |= 1 << self.index
+        conn.pause(PAUSED_FOR_RING)
+        self.blocked.add(conn)
 
     def _on_room(self) -> None:
         """Resume the connections this ring blocked, unless another ring still does
@@ -68,6 +73,8 @@ class WorkerLink:
 
 
 class ConnServer:
+    protocol = ClientProtocol  # (tests swap in a class on the other ConnCore)
+
     def __init__(
         self,
         settings: Settings,
@@ -114,7 +121,7 @@ class ConnServer:
             link.receiver.start()
         # create_server listens again on the socket: keep the configured backlog (its
         # default of 100 makes a burst of connects wait for SYN retries).
-        self._server = await self.loop.create_server(lambda: ClientProtocol(self), sock=sock, backlog=self.backlog)
+        self._server = await self.loop.create_server(lambda: self.protocol(self), sock=sock, backlog=self.backlog)
         self.sweeper.start()
 
     def next_conn_id(self) -> int:
@@ -194,6 +201,8 @@ class ConnServer:
         self.stats["accepted"] += 1
         self.connections[conn.conn_id] = conn
         conn.worker = self.router.assign()
+        if self.router.pinned and self.in_conn is None:
+            conn.link = self.links[conn.worker]
         payload = msgspec.msgpack.encode(conn.info.peer)
         for link in self.links:
             link.send_event(records.OPENED, conn.conn_id, payload)
@@ -266,25 +275,7 @@ class ConnServer:
     # Replies from workers --------------------------------------------------------------
 
     def on_replies(self, worker: int, batch: list[tuple[int, int, bytes]]) -> None:
-        connections = self.connections
-        pending = self._flush_pending
-        for kind, conn_id, payload in batch:
-            conn = connections.get(conn_id)
-            if conn is None:
-                if payload:
-                    self.stats["replies_to_closed"] += 1
-                continue
-            answered = kind >> records.ACK_SHIFT
-            kind &= records.KIND_MASK
-            if kind == records.PACKETS:
-                if payload and conn.queue_reply(payload):
-                    pending.append(conn)
-            elif kind == records.CLOSE:
-                conn.close()
-            if answered:
-                conn.answered(worker, answered)
-                if conn.close_when_answered and not conn.outstanding:
-                    conn.close()
+        self.protocol.route_replies(self.connections, self._flush_pending, self.stats, worker, batch)
         # A drained batch holds everything the worker published: write it now, one
         # write per connection, rather than one loop iteration later.
         self._flush()

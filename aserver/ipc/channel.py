@@ -41,6 +41,8 @@ class RingSender:
         self._waiting = False
         self._poll: asyncio.TimerHandle | None = None
         self.max_payload = writer.max_payload
+        # Sequence number the next record will have (written or waiting in overflow).
+        self.records_sent = writer.records_written
 
     @property
     def backlogged(self) -> bool:
@@ -49,11 +51,6 @@ class RingSender:
     @property
     def fill(self) -> int:
         return self._writer.fill()
-
-    @property
-    def records_sent(self) -> int:
-        """Sequence number the next record will have (written or waiting in overflow)."""
-        return self._writer.records_written + len(self._overflow)
 
     def records_taken(self) -> int:
         return self._writer.records_taken()
@@ -64,6 +61,7 @@ class RingSender:
         self._overflow.clear()
         self._stop_waiting()
         self._writer.discard_unread()
+        self.records_sent = self._writer.records_written
 
     def send(
         self, kind: int, conn_id: int, payload: bytes | bytearray | memoryview | list[bytes | bytearray | memoryview]
@@ -71,6 +69,7 @@ class RingSender:
         """Write (or queue) one record; a list payload is its parts back to back."""
         writer = self._writer
         if not self._overflow and writer.try_write(kind, conn_id, payload):
+            self.records_sent += 1
             if writer.unpublished >= EARLY_PUBLISH_BYTES:
                 writer.publish()
             elif not self._publish_scheduled:
@@ -79,6 +78,7 @@ class RingSender:
             return True
         # A list's parts may be a handler's buffers: queue what they hold now.
         self._overflow.append((kind, conn_id, b"".join(payload) if type(payload) is list else payload))
+        self.records_sent += 1
         if not self._waiting:
             self._start_waiting()
         return False

@@ -1,0 +1,490 @@
+/* A connection's per-request steps in the conn process, in C (see conn_core.py, the
+ * Python twin and reference).
+ *
+ * ConnCore is the base class of ClientProtocol. Its fields are the connection's hot state,
+ * readable and writable from Python under the same names. Its methods do what
+ * conn_core.ConnCore's do, plus one shortcut: data_received frames a read itself and,
+ * when it is nothing but complete packets for a pinned worker link (`link` set), counts
+ * them, records them in flight and hands the run to the link's RingSender. Any other
+ * read (a PROXY header, a packet cut short, a bad length, a run too big for one record,
+ * no pinned link) goes to ClientProtocol.receive, the general path, so the C side has no
+ * policy of its own.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <stdint.h>
+
+/* What aserver/native.py expects: raise it whenever a call's signature or meaning
+   changes, so a stale build is not used. */
+#define CONN_CORE_ABI 1
+
+typedef struct {
+    PyObject_HEAD
+    int stage;               /* 0: framing packets; anything else goes to receive() */
+    char partial;            /* the FrameDecoder holds the start of a packet */
+    char progress;           /* a packet completed since the sweeper last looked */
+    char closed, eof_sent, close_when_answered;
+    char big_endian;
+    int worker;              /* the connection's worker (pinned routing) */
+    unsigned long long conn_id;
+    Py_ssize_t outstanding;  /* requests sent to workers and not answered yet */
+    Py_ssize_t max_packet_size, max_reply_backlog;
+    PyObject *inflight;      /* dict: worker -> deque[InFlight] */
+    PyObject *replies;       /* list of reply runs not written yet */
+    PyObject *transport;
+    PyObject *link;          /* WorkerLink for the shortcut, or None */
+    PyObject *stats;         /* the server's Counter */
+} Core;
+
+/* Taken from the Python modules at import, so the two sides share one definition. */
+static PyObject *InFlight, *Deque;
+static unsigned long packets_kind, close_kind, ack_shift, kind_mask;
+static Py_ssize_t header_size;
+static PyObject *s_receive, *s_sender, *s_max_payload, *s_records_sent, *s_send, *s_ring_full,
+    *s_requests, *s_replies_to_closed, *s_append, *s_popleft, *s_remaining, *s_close,
+    *s_is_closing, *s_write, *s_writelines, *s_get_write_buffer_size, *s_too_much_unread, *packets_obj;
+
+static PyTypeObject CoreType;
+
+static uint32_t get_u32(const unsigned char *p, int big) {
+    return big ? ((uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3])
+               : ((uint32_t)p[3] << 24 | (uint32_t)p[2] << 16 | (uint32_t)p[1] << 8 | p[0]);
+}
+
+/* stats[key] += n (a Counter: a missing key counts from 0). */
+static int count_in(PyObject *stats, PyObject *key, Py_ssize_t n) {
+    if (!PyDict_Check(stats)) {
+        PyErr_SetString(PyExc_TypeError, "ConnCore.stats must be a dict");
+        return -1;
+    }
+    PyObject *old = PyDict_GetItemWithError(stats, key);
+    if (old == NULL && PyErr_Occurred()) return -1;
+    PyObject *add = PyLong_FromSsize_t(n);
+    if (add == NULL) return -1;
+    PyObject *sum = old ? PyNumber_Add(old, add) : Py_NewRef(add);
+    Py_DECREF(add);
+    if (sum == NULL) return -1;
+    int failed = PyDict_SetItem(stats, key, sum);
+    Py_DECREF(sum);
+    return failed;
+}
+
+static int sent_impl(Core *self, PyObject *worker, PyObject *record, Py_ssize_t count, PyObject *run) {
+    if (self->inflight == NULL || !PyDict_Check(self->inflight)) {
+        PyErr_SetString(PyExc_TypeError, "ConnCore.inflight must be a dict");
+        return -1;
+    }
+    PyObject *queue = PyDict_GetItemWithError(self->inflight, worker); /* borrowed */
+    if (queue == NULL) {
+        if (PyErr_Occurred()) return -1;
+        queue = PyObject_CallNoArgs(Deque);
+        if (queue == NULL) return -1;
+        int failed = PyDict_SetItem(self->inflight, worker, queue);
+        Py_DECREF(queue); /* the dict holds it */
+        if (failed) return -1;
+    }
+    Py_INCREF(queue);
+    PyObject *remaining = PyLong_FromSsize_t(count);
+    PyObject *entry = NULL;
+    if (remaining != NULL) {
+        PyObject *args[3] = {record, remaining, run};
+        entry = PyObject_Vectorcall(InFlight, args, 3, NULL);
+        Py_DECREF(remaining);
+    }
+    PyObject *appended = entry ? PyObject_CallMethodOneArg(queue, s_append, entry) : NULL;
+    Py_XDECREF(entry);
+    Py_DECREF(queue);
+    if (appended == NULL) return -1;
+    Py_DECREF(appended);
+    self->outstanding += count;
+    return 0;
+}
+
+static int answered_impl(Core *self, PyObject *worker, Py_ssize_t count) {
+    PyObject *queue = NULL;
+    if (self->inflight != NULL && PyDict_Check(self->inflight)) {
+        queue = PyDict_GetItemWithError(self->inflight, worker);
+        if (queue == NULL && PyErr_Occurred()) return -1;
+    }
+    self->outstanding -= count;
+    if (queue == NULL) return 0;
+    Py_INCREF(queue);
+    int result = 0;
+    while (count) {
+        Py_ssize_t left = PyObject_Length(queue);
+        if (left <= 0) {
+            result = left < 0 ? -1 : 0;
+            break;
+        }
+        PyObject *head = PySequence_GetItem(queue, 0);
+        if (head == NULL) { result = -1; break; }
+        PyObject *value = PyObject_GetAttr(head, s_remaining);
+        Py_ssize_t remaining = value ? PyLong_AsSsize_t(value) : -1;
+        Py_XDECREF(value);
+        if (remaining == -1 && PyErr_Occurred()) {
+            Py_DECREF(head);
+            result = -1;
+            break;
+        }
+        if (remaining > count) {
+            PyObject *rest = PyLong_FromSsize_t(remaining - count);
+            result = rest ? PyObject_SetAttr(head, s_remaining, rest) : -1;
+            Py_XDECREF(rest);
+            Py_DECREF(head);
+            break;
+        }
+        Py_DECREF(head);
+        count -= remaining;
+        PyObject *popped = PyObject_CallMethodNoArgs(queue, s_popleft);
+        if (popped == NULL) { result = -1; break; }
+        Py_DECREF(popped);
+    }
+    Py_DECREF(queue);
+    return result;
+}
+
+/* 1: the first reply queued since the last flush; 0: not the first; -1: error. */
+static int queue_reply_impl(Core *self, PyObject *packets) {
+    if (self->replies == NULL || !PyList_Check(self->replies)) {
+        PyErr_SetString(PyExc_TypeError, "ConnCore._replies must be a list");
+        return -1;
+    }
+    if (PyList_Append(self->replies, packets) < 0) return -1;
+    return PyList_GET_SIZE(self->replies) == 1;
+}
+
+/* The general path: ClientProtocol.receive(data). */
+static PyObject *receive(Core *self, PyObject *data) {
+    return PyObject_CallMethodOneArg((PyObject *)self, s_receive, data);
+}
+
+/* The shortcut's second half: `data` is `count` complete packets for self->link. */
+static PyObject *forward(Core *self, PyObject *data, Py_ssize_t size, Py_ssize_t count) {
+    PyObject *sender = PyObject_GetAttr(self->link, s_sender);
+    if (sender == NULL) return NULL;
+    PyObject *limit = PyObject_GetAttr(sender, s_max_payload);
+    Py_ssize_t max_payload = limit ? PyLong_AsSsize_t(limit) : -1;
+    Py_XDECREF(limit);
+    if (max_payload == -1 && PyErr_Occurred()) goto fail;
+    if (size > max_payload) { /* more than one record: receive() splits it */
+        Py_DECREF(sender);
+        return receive(self, data);
+    }
+    self->progress = 1;
+    if (count_in(self->stats, s_requests, count) < 0) goto fail;
+    PyObject *worker = PyLong_FromLong(self->worker);
+    if (worker == NULL) goto fail;
+    PyObject *record = PyObject_GetAttr(sender, s_records_sent);
+    int failed = record == NULL || sent_impl(self, worker, record, count, data) < 0;
+    Py_DECREF(worker);
+    Py_XDECREF(record);
+    if (failed) goto fail;
+    PyObject *conn_id = PyLong_FromUnsignedLongLong(self->conn_id);
+    if (conn_id == NULL) goto fail;
+    PyObject *args[4] = {sender, packets_obj, conn_id, data};
+    PyObject *written = PyObject_VectorcallMethod(s_send, args, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    Py_DECREF(conn_id);
+    Py_DECREF(sender);
+    if (written == NULL) return NULL;
+    int queued = written == Py_False;
+    Py_DECREF(written);
+    if (queued && !self->closed) return PyObject_CallMethodOneArg(self->link, s_ring_full, (PyObject *)self);
+    Py_RETURN_NONE;
+fail:
+    Py_DECREF(sender);
+    return NULL;
+}
+
+static PyObject *core_data_received(Core *self, PyObject *data) {
+    if (self->stage || self->partial || self->link == NULL || self->link == Py_None) return receive(self, data);
+    Py_buffer view;
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) return NULL;
+    const unsigned char *p = view.buf;
+    Py_ssize_t size = view.len, end = 0, count = 0;
+    int big = self->big_endian;
+    while (size - end >= 4) {
+        uint32_t length = get_u32(p + end, big);
+        if (length < header_size || length > self->max_packet_size || size - end < (Py_ssize_t)length) break;
+        end += length;
+        count += 1;
+    }
+    PyBuffer_Release(&view);
+    if (count == 0 || end != size) return receive(self, data); /* cut short or a bad length */
+    return forward(self, data, size, count);
+}
+
+static PyObject *core_sent(Core *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "sent(worker, record, count, run)");
+        return NULL;
+    }
+    Py_ssize_t count = PyLong_AsSsize_t(args[2]);
+    if (count == -1 && PyErr_Occurred()) return NULL;
+    if (sent_impl(self, args[0], args[1], count, args[3]) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *core_answered(Core *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "answered(worker, count)");
+        return NULL;
+    }
+    Py_ssize_t count = PyLong_AsSsize_t(args[1]);
+    if (count == -1 && PyErr_Occurred()) return NULL;
+    if (answered_impl(self, args[0], count) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *core_queue_reply(Core *self, PyObject *packets) {
+    int first = queue_reply_impl(self, packets);
+    if (first < 0) return NULL;
+    return PyBool_FromLong(first);
+}
+
+static PyObject *core_flush_replies(Core *self, PyObject *unused) {
+    PyObject *replies = self->replies;
+    if (replies == NULL || !PyList_Check(replies) || PyList_GET_SIZE(replies) == 0) Py_RETURN_NONE;
+    PyObject *fresh = PyList_New(0);
+    if (fresh == NULL) return NULL;
+    self->replies = fresh; /* `replies` is now our reference */
+    PyObject *transport = self->transport;
+    PyObject *result = NULL;
+    if (self->closed || self->eof_sent || transport == NULL || transport == Py_None) {
+        Py_DECREF(replies); /* late replies (a stop that timed out) are dropped */
+        Py_RETURN_NONE;
+    }
+    Py_INCREF(transport);
+    PyObject *closing = PyObject_CallMethodNoArgs(transport, s_is_closing);
+    int is_closing = closing ? PyObject_IsTrue(closing) : -1;
+    Py_XDECREF(closing);
+    if (is_closing != 0) {
+        if (is_closing == 1) result = Py_NewRef(Py_None);
+        goto done;
+    }
+    PyObject *written = PyList_GET_SIZE(replies) > 1
+                            ? PyObject_CallMethodOneArg(transport, s_writelines, replies)
+                            : PyObject_CallMethodOneArg(transport, s_write, PyList_GET_ITEM(replies, 0));
+    if (written == NULL) goto done;
+    Py_DECREF(written);
+    PyObject *size = PyObject_CallMethodNoArgs(transport, s_get_write_buffer_size);
+    if (size == NULL) goto done;
+    Py_ssize_t backlog = PyLong_AsSsize_t(size);
+    if (backlog == -1 && PyErr_Occurred()) {
+        Py_DECREF(size);
+        goto done;
+    }
+    if (backlog > self->max_reply_backlog) {
+        PyObject *r = PyObject_CallMethodOneArg((PyObject *)self, s_too_much_unread, size);
+        if (r != NULL) result = Py_NewRef(Py_None);
+        Py_XDECREF(r);
+    } else {
+        result = Py_NewRef(Py_None);
+    }
+    Py_DECREF(size);
+done:
+    Py_DECREF(transport);
+    Py_DECREF(replies);
+    return result;
+}
+
+/* route_replies(connections, pending, stats, worker, batch): see conn_core.py. */
+static PyObject *core_route_replies(PyObject *unused, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5 || !PyDict_Check(args[0]) || !PyList_Check(args[1]) || !PyList_Check(args[4])) {
+        PyErr_SetString(PyExc_TypeError, "route_replies(connections: dict, pending: list, stats, worker, batch: list)");
+        return NULL;
+    }
+    PyObject *connections = args[0], *pending = args[1], *stats = args[2], *worker = args[3], *batch = args[4];
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(batch); i++) {
+        PyObject *item = PyList_GET_ITEM(batch, i);
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 3) {
+            PyErr_SetString(PyExc_TypeError, "a reply record must be (kind, conn_id, payload)");
+            return NULL;
+        }
+        PyObject *payload = PyTuple_GET_ITEM(item, 2);
+        Py_ssize_t payload_size = PyObject_Length(payload);
+        if (payload_size < 0) return NULL;
+        PyObject *conn = PyDict_GetItemWithError(connections, PyTuple_GET_ITEM(item, 1));
+        if (conn == NULL) {
+            if (PyErr_Occurred()) return NULL;
+            if (payload_size && count_in(stats, s_replies_to_closed, 1) < 0) return NULL;
+            continue;
+        }
+        if (!PyObject_TypeCheck(conn, &CoreType)) {
+            PyErr_SetString(PyExc_TypeError, "route_replies: a connection is not a ConnCore");
+            return NULL;
+        }
+        unsigned long kind = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(item, 0));
+        if (kind == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+        Py_ssize_t acks = (Py_ssize_t)(kind >> ack_shift);
+        kind &= kind_mask;
+        Core *core = (Core *)Py_NewRef(conn); /* ours while close() may drop it from the dict */
+        int failed = 0;
+        if (kind == packets_kind) {
+            if (payload_size) {
+                int first = queue_reply_impl(core, payload);
+                failed = first < 0 || (first && PyList_Append(pending, conn) < 0);
+            }
+        } else if (kind == close_kind) {
+            PyObject *r = PyObject_CallMethodNoArgs(conn, s_close);
+            failed = r == NULL;
+            Py_XDECREF(r);
+        }
+        if (!failed && acks) {
+            failed = answered_impl(core, worker, acks) < 0;
+            if (!failed && core->close_when_answered && !core->outstanding) {
+                PyObject *r = PyObject_CallMethodNoArgs(conn, s_close);
+                failed = r == NULL;
+                Py_XDECREF(r);
+            }
+        }
+        Py_DECREF(conn);
+        if (failed) return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static int core_traverse(Core *self, visitproc visit, void *arg) {
+    Py_VISIT(self->inflight);
+    Py_VISIT(self->replies);
+    Py_VISIT(self->transport);
+    Py_VISIT(self->link);
+    Py_VISIT(self->stats);
+    return 0;
+}
+
+static int core_clear(Core *self) {
+    Py_CLEAR(self->inflight);
+    Py_CLEAR(self->replies);
+    Py_CLEAR(self->transport);
+    Py_CLEAR(self->link);
+    Py_CLEAR(self->stats);
+    return 0;
+}
+
+static void core_dealloc(Core *self) {
+    PyObject_GC_UnTrack(self);
+    core_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef core_methods[] = {
+    {"data_received", (PyCFunction)core_data_received, METH_O,
+     "A read: complete packets for a pinned link go straight to its ring; the rest to receive()."},
+    {"sent", (PyCFunction)(void (*)(void))core_sent, METH_FASTCALL,
+     "sent(worker, record, count, run): count requests went to worker as ring record `record`."},
+    {"answered", (PyCFunction)(void (*)(void))core_answered, METH_FASTCALL,
+     "answered(worker, count): the worker finished count more of our requests (in order)."},
+    {"queue_reply", (PyCFunction)core_queue_reply, METH_O,
+     "Buffer replies until flush_replies; returns True if this is the first."},
+    {"flush_replies", (PyCFunction)core_flush_replies, METH_NOARGS, "Write the buffered replies."},
+    {"route_replies", (PyCFunction)(void (*)(void))core_route_replies, METH_FASTCALL | METH_STATIC,
+     "route_replies(connections, pending, stats, worker, batch): see conn_core.py."},
+    {NULL},
+};
+
+static PyMemberDef core_members[] = {
+    {"stage", T_INT, offsetof(Core, stage), 0, NULL},
+    {"partial", T_BOOL, offsetof(Core, partial), 0, NULL},
+    {"progress", T_BOOL, offsetof(Core, progress), 0, NULL},
+    {"closed", T_BOOL, offsetof(Core, closed), 0, NULL},
+    {"eof_sent", T_BOOL, offsetof(Core, eof_sent), 0, NULL},
+    {"close_when_answered", T_BOOL, offsetof(Core, close_when_answered), 0, NULL},
+    {"big_endian", T_BOOL, offsetof(Core, big_endian), 0, NULL},
+    {"worker", T_INT, offsetof(Core, worker), 0, NULL},
+    {"conn_id", T_ULONGLONG, offsetof(Core, conn_id), 0, NULL},
+    {"outstanding", T_PYSSIZET, offsetof(Core, outstanding), 0, NULL},
+    {"max_packet_size", T_PYSSIZET, offsetof(Core, max_packet_size), 0, NULL},
+    {"max_reply_backlog", T_PYSSIZET, offsetof(Core, max_reply_backlog), 0, NULL},
+    {"inflight", T_OBJECT, offsetof(Core, inflight), 0, NULL},
+    {"_replies", T_OBJECT, offsetof(Core, replies), 0, NULL},
+    {"transport", T_OBJECT, offsetof(Core, transport), 0, NULL},
+    {"link", T_OBJECT, offsetof(Core, link), 0, NULL},
+    {"stats", T_OBJECT, offsetof(Core, stats), 0, NULL},
+    {NULL},
+};
+
+static PyTypeObject CoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "aserver.conn._conn_core.ConnCore",
+    .tp_basicsize = sizeof(Core),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "A connection's per-request steps (see aserver/conn/conn_core.py).",
+    .tp_new = PyType_GenericNew,
+    .tp_dealloc = (destructor)core_dealloc,
+    .tp_traverse = (traverseproc)core_traverse,
+    .tp_clear = (inquiry)core_clear,
+    .tp_methods = core_methods,
+    .tp_members = core_members,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "aserver.conn._conn_core",
+    .m_doc = "A connection's per-request steps in C.",
+    .m_size = -1,
+};
+
+static int constant(PyObject *module, const char *name, unsigned long *out) {
+    PyObject *value = PyObject_GetAttrString(module, name);
+    if (value == NULL) return -1;
+    *out = PyLong_AsUnsignedLong(value);
+    Py_DECREF(value);
+    return *out == (unsigned long)-1 && PyErr_Occurred() ? -1 : 0;
+}
+
+static int take_shared(void) {
+    PyObject *conn_core = PyImport_ImportModule("aserver.conn.conn_core");
+    PyObject *records = PyImport_ImportModule("aserver.ipc.records");
+    PyObject *header = PyImport_ImportModule("aserver.protocol.header");
+    PyObject *collections = PyImport_ImportModule("collections");
+    unsigned long size = 0;
+    int failed = conn_core == NULL || records == NULL || header == NULL || collections == NULL ||
+                 (InFlight = PyObject_GetAttrString(conn_core, "InFlight")) == NULL ||
+                 (Deque = PyObject_GetAttrString(collections, "deque")) == NULL ||
+                 constant(records, "PACKETS", &packets_kind) < 0 || constant(records, "CLOSE", &close_kind) < 0 ||
+                 constant(records, "ACK_SHIFT", &ack_shift) < 0 || constant(records, "KIND_MASK", &kind_mask) < 0 ||
+                 constant(header, "HEADER_SIZE", &size) < 0 ||
+                 (packets_obj = PyLong_FromUnsignedLong(packets_kind)) == NULL;
+    header_size = (Py_ssize_t)size;
+    Py_XDECREF(conn_core);
+    Py_XDECREF(records);
+    Py_XDECREF(header);
+    Py_XDECREF(collections);
+    return failed ? -1 : 0;
+}
+
+static int intern_names(void) {
+#define NAME(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return -1
+    NAME(s_receive, "receive");
+    NAME(s_sender, "sender");
+    NAME(s_max_payload, "max_payload");
+    NAME(s_records_sent, "records_sent");
+    NAME(s_send, "send");
+    NAME(s_ring_full, "ring_full");
+    NAME(s_requests, "requests");
+    NAME(s_replies_to_closed, "replies_to_closed");
+    NAME(s_append, "append");
+    NAME(s_popleft, "popleft");
+    NAME(s_remaining, "remaining");
+    NAME(s_close, "close");
+    NAME(s_is_closing, "is_closing");
+    NAME(s_write, "write");
+    NAME(s_writelines, "writelines");
+    NAME(s_get_write_buffer_size, "get_write_buffer_size");
+    NAME(s_too_much_unread, "too_much_unread");
+#undef NAME
+    return 0;
+}
+
+PyMODINIT_FUNC PyInit__conn_core(void) {
+    if (intern_names() < 0 || take_shared() < 0 || PyType_Ready(&CoreType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    Py_INCREF(&CoreType);
+    if (PyModule_AddIntConstant(m, "ABI", CONN_CORE_ABI) < 0 ||
+        PyModule_AddObject(m, "ConnCore", (PyObject *)&CoreType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
