@@ -28,7 +28,7 @@ class ServerSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     byte_order: Literal["little", "network"] = "little"
     backlog: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 1024
     # Bytes of replies a client may leave unread before it is disconnected.
-    max_reply_backlog: Annotated[int, msgspec.Meta(ge=64 * 1024)] = 16 * 1024 * 1024
+    max_reply_backlog: Annotated[int, msgspec.Meta(ge=64 * 1024, le=1 << 40)] = 16 * 1024 * 1024
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     stop_timeout: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
     # Conn processes sharing the listening socket; losing one loses only its clients.

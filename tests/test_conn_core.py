@@ -29,6 +29,8 @@ from aserver.supervisor.rings import RingSet
 MAX_PACKET = 4096
 RING_SIZE = 64 * 1024  # max_payload 16 KiB: runs of several packets get split; 4 such runs fill it
 CONNECTIONS = 3
+WORKERS = 2  # connections 0 and 2 go to worker 0, connection 1 to worker 1
+MAX_REPLY_BACKLOG = 64 * 1024
 
 PythonProtocol = type("PythonClientProtocol", (conn_core.ConnCore, client_protocol.ClientProtocolBase), {})
 _names = count()
@@ -40,6 +42,8 @@ class FakeTransport:
         self.written: list[bytes] = []
         self.closed = False
         self.reading = True
+        self.eof = False
+        self.backlog = 0  # what get_write_buffer_size says: the client reads nothing if large
 
     def get_extra_info(self, name: str, default: object = None) -> object:
         return ("127.0.0.1", self.port) if name == "peername" else default
@@ -54,10 +58,16 @@ class FakeTransport:
         pass
 
     def get_write_buffer_size(self) -> int:
-        return 0
+        return self.backlog
 
     def is_closing(self) -> bool:
         return self.closed
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof = True
 
     def pause_reading(self) -> None:
         self.reading = False
@@ -73,44 +83,52 @@ class FakeTransport:
 
 
 class Side:
-    """A ConnServer whose connections use one of the two cores, and its request ring's
-    far end."""
+    """A ConnServer whose connections use one of the two cores, and the far ends of its
+    request rings."""
 
     def __init__(self, protocol: type, byte_order: ByteOrder) -> None:
         self.loop = asyncio.new_event_loop()
-        settings = from_dict({"server": {"max_packet_size": MAX_PACKET, "byte_order": byte_order.value},
+        settings = from_dict({"server": {"max_packet_size": MAX_PACKET, "byte_order": byte_order.value,
+                                         "max_reply_backlog": MAX_REPLY_BACKLOG},
                               "ring": {"size": RING_SIZE}})
-        self.rings = RingSet(f"aserver-core-{os.getpid()}-{next(_names)}", 1, 1, RING_SIZE)
-        ((request_producer, reply_consumer),) = self.rings.for_conn(0)
-        ((request_consumer, _reply_producer),) = self.rings.for_worker(0)
-        self.server = ConnServer(settings, 0, 1, [(open_producer(request_producer), open_consumer(reply_consumer))],
-                                 self.loop)
+        self.rings = RingSet(f"aserver-core-{os.getpid()}-{next(_names)}", 1, WORKERS, RING_SIZE)
+        links = [(open_producer(p), open_consumer(c)) for p, c in self.rings.for_conn(0)]
+        self.server = ConnServer(settings, 0, 1, links, self.loop)
         self.server.protocol = protocol
-        self.far_end = open_consumer(request_consumer)
+        self.far_ends = [open_consumer(self.rings.for_worker(w)[0][0]) for w in range(WORKERS)]
         self.conns = []
         for i in range(CONNECTIONS):
             conn = protocol(self.server)
             transport = FakeTransport(20_000 + i)
             conn.connection_made(transport)
             self.conns.append((conn, transport))
-        self.taken: list[tuple[int, int, bytes]] = []
+        self.taken: list[list[tuple[int, int, bytes]]] = [[] for _ in range(WORKERS)]
 
     def take(self, limit: int = 1_000_000) -> None:
-        """Read the request ring as a worker would (what is published so far)."""
-        sender = self.server.links[0].sender
-        sender.flush()
-        batch = self.far_end.read_batch(limit)
-        self.far_end.release()
-        self.taken += [(kind, conn_id, bytes(payload)) for kind, conn_id, payload in batch]
+        """Read the request rings as the workers would (what is published so far)."""
+        for link, far_end, taken in zip(self.server.links, self.far_ends, self.taken, strict=True):
+            link.sender.flush()
+            taken += [(kind, conn_id, bytes(payload)) for kind, conn_id, payload in far_end.read_batch(limit)]
+            far_end.release()
+
+    def check_record_numbers(self) -> None:
+        """Every run in flight names the ring record that carries it (taken or waiting)."""
+        for conn, _ in self.conns:
+            for worker, queue in conn.inflight.items():
+                sender = self.server.links[worker].sender
+                sent = self.taken[worker] + list(sender._overflow)
+                assert len(sent) == sender.records_sent
+                for entry in queue:
+                    kind, conn_id, payload = sent[entry.record]
+                    assert (kind, conn_id, bytes(payload)) == (records.PACKETS, conn.conn_id, bytes(entry.run))
 
     def state(self) -> dict:
-        link = self.server.links[0]
         return {
             "taken": self.taken,
-            "overflow": [(k, c, bytes(p)) for k, c, p in link.sender._overflow],
-            "records_sent": link.sender.records_sent,
+            "links": [{"overflow": [(k, c, bytes(p)) for k, c, p in link.sender._overflow],
+                       "records_sent": link.sender.records_sent,
+                       "blocked": sorted(conn.conn_id for conn in link.blocked)} for link in self.server.links],
             "stats": dict(self.server.stats),
-            "blocked": sorted(conn.conn_id for conn in link.blocked),
             "conns": [
                 {
                     "outstanding": conn.outstanding,
@@ -125,6 +143,7 @@ class Side:
                     "replies": list(conn._replies),
                     "written": transport.written,
                     "closed": transport.closed,
+                    "eof": transport.eof,
                     "reading": transport.reading,
                 }
                 for conn, transport in self.conns
@@ -132,11 +151,12 @@ class Side:
         }
 
     def close(self) -> None:
-        link = self.server.links[0]
-        link.sender.discard_unread()
-        link.sender.close()
-        link.receiver.close()
-        self.far_end.close()
+        for link in self.server.links:
+            link.sender.discard_unread()
+            link.sender.close()
+            link.receiver.close()
+        for far_end in self.far_ends:
+            far_end.close()
         self.rings.close()
         self.loop.close()
 
@@ -149,47 +169,58 @@ def c_protocol() -> type:
 
 
 packet_bodies = st.lists(st.integers(0, MAX_PACKET - 18), min_size=1, max_size=12)
+# A length no packet may have: below the header, or above max_packet_size.
+bad_lengths = st.sampled_from([0, 4, 10, 17, MAX_PACKET + 1, 0xFFFFFFFF])
 # One step: a connection, the packets it sends (body sizes), where the bytes are cut into
-# reads, and optionally a bad length put in before a packet.
+# reads, and optionally a bad length put in before one of the packets.
 steps = st.lists(
     st.tuples(st.integers(0, CONNECTIONS - 1), packet_bodies, st.lists(st.integers(1, 40_000), max_size=4),
-              st.one_of(st.none(), st.integers(0, 11))),
+              st.one_of(st.none(), st.tuples(st.integers(0, 11), bad_lengths))),
     min_size=1, max_size=8,
 )
 # Reply records a worker might send: (connection, requests answered, reply bytes, close).
 replies = st.lists(st.tuples(st.integers(0, CONNECTIONS), st.integers(0, 5), st.integers(0, 300), st.booleans()),
                    max_size=12)
+# Per connection before the replies arrive: its client reads nothing (a backlog past the
+# limit), the server is stopping for it (finish: EOF sent), or neither.
+conditions = st.lists(st.sampled_from(["", "backlogged", "finished"]), min_size=CONNECTIONS, max_size=CONNECTIONS)
 
 
 def reads_of(codec: PacketCodec, step_index: int, bodies: list[int], cuts: list[int],
-             bad_at: int | None) -> list[bytes]:
+             bad: tuple[int, int] | None) -> list[bytes]:
     packets = [codec.encode(1 + i % 3, bytes([step_index % 256]) * n, seq_num=step_index * 100 + i)
                for i, n in enumerate(bodies)]
-    if bad_at is not None and bad_at <= len(packets):
-        packets.insert(bad_at, codec.length.pack(MAX_PACKET + 1) + b"x" * 20)
+    if bad is not None and bad[0] <= len(packets):
+        packets.insert(bad[0], codec.length.pack(bad[1]) + b"x" * 20)
     data = b"".join(packets)
     points = sorted({cut % len(data) for cut in cuts} - {0})
     return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
 
 
-@given(byte_order=st.sampled_from(list(ByteOrder)), script=steps, answers=replies, take_between=st.booleans())
+@given(byte_order=st.sampled_from(list(ByteOrder)), script=steps, answers=replies, take_between=st.booleans(),
+       before_replies=conditions)
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @example(byte_order=ByteOrder.LITTLE, script=[(0, [10, 20, 30], [], None)], answers=[(0, 3, 60, False)],
-         take_between=False)  # the plain case: one read of whole packets, answered
+         take_between=False, before_replies=["", "", ""])  # the plain case: one read of whole packets, answered
 @example(byte_order=ByteOrder.NETWORK, script=[(1, [100], [50], None), (1, [5], [], None)],
-         answers=[(1, 1, 10, True)], take_between=False)  # a packet cut short, then a whole one
+         answers=[(1, 1, 10, True)], take_between=False,
+         before_replies=["", "", ""])  # a packet cut short, then a whole one
 @example(byte_order=ByteOrder.LITTLE, script=[(0, [4000] * 12, [], None)] * 3, answers=[],
-         take_between=False)  # runs split into several records, then a full ring (overflow, pause)
+         take_between=False, before_replies=["", "", ""])  # runs split into several records, then a full ring
 @example(byte_order=ByteOrder.LITTLE, script=[(0, [4000] * 12, [12054, 24108, 36162], None)] * 2, answers=[],
-         take_between=False)  # reads of 3 whole packets each until the ring is full
-@example(byte_order=ByteOrder.LITTLE, script=[(2, [1, 2], [], 1)], answers=[(2, 1, 0, False)],
-         take_between=True)  # a bad length after one good packet
-def test_c_and_python_conn_cores_agree(c_protocol, byte_order, script, answers, take_between) -> None:
+         take_between=False, before_replies=["", "", ""])  # reads of 3 whole packets each until the ring is full
+@example(byte_order=ByteOrder.LITTLE, script=[(2, [1, 2], [], (1, 10))], answers=[(2, 1, 0, False)],
+         take_between=True, before_replies=["", "", ""])  # a length below the header after one good packet
+@example(byte_order=ByteOrder.NETWORK, script=[(0, [1], [], None), (1, [1], [], None)],
+         answers=[(0, 1, 10, False), (1, 1, 10, False)], take_between=False,
+         before_replies=["backlogged", "finished", ""])  # one client reads nothing, one is being stopped
+def test_c_and_python_conn_cores_agree(c_protocol, byte_order, script, answers, take_between,
+                                       before_replies) -> None:
     codec = PacketCodec(byte_order)
     sides = [Side(c_protocol, byte_order), Side(PythonProtocol, byte_order)]
     try:
-        for step_index, (which, bodies, cuts, bad_at) in enumerate(script):
-            for data in reads_of(codec, step_index, bodies, cuts, bad_at):
+        for step_index, (which, bodies, cuts, bad) in enumerate(script):
+            for data in reads_of(codec, step_index, bodies, cuts, bad):
                 for side in sides:
                     side.conns[which][0].data_received(data)
             if take_between:
@@ -197,8 +228,14 @@ def test_c_and_python_conn_cores_agree(c_protocol, byte_order, script, answers, 
                     side.take(limit=2)
         for side in sides:
             side.take()
+            side.check_record_numbers()
         assert sides[0].state() == sides[1].state()
         for side in sides:
+            for (conn, transport), condition in zip(side.conns, before_replies, strict=True):
+                if condition == "backlogged":
+                    transport.backlog = MAX_REPLY_BACKLOG + 1
+                elif condition == "finished":
+                    conn.finish()
             batch = []
             for which, acks, size, close in answers:
                 conn_id = side.conns[which][0].conn_id if which < CONNECTIONS else 12345  # 12345: gone
@@ -225,13 +262,44 @@ def test_a_read_that_completes_a_cut_packet_is_not_framed_afresh(c_protocol) -> 
             conn.data_received(outer[:18])  # the header only
             conn.data_received(outer[18:])  # the body: exactly one valid packet
             side.take()
-            assert [p for kind, _, p in side.taken if kind == records.PACKETS] == [outer], protocol
+            assert [p for kind, _, p in side.taken[0] if kind == records.PACKETS] == [outer], protocol
             assert conn.outstanding == 1
         finally:
             side.close()
 
 
-def test_the_c_core_is_what_connections_use_when_built(c_protocol) -> None:
-    assert issubclass(c_protocol, client_protocol.ConnCore)
-    assert client_protocol.ConnCore.__module__ == "aserver.conn._conn_core"
-    assert ConnServer.protocol is c_protocol
+def test_the_c_core_frames_a_clean_read_itself(c_protocol) -> None:
+    """The C core's shortcut is taken for a read of whole packets (else it would only ever
+    hand reads to the general path, and the comparison above could not tell)."""
+    general = []
+
+    class Counting(c_protocol):
+        def receive(self, data: bytes) -> None:
+            general.append(bytes(data))
+            super().receive(data)
+
+    codec = PacketCodec(ByteOrder.NETWORK)
+    side = Side(Counting, ByteOrder.NETWORK)
+    try:
+        first, second = side.conns[0][0], side.conns[1][0]
+        clean = codec.encode(1, b"a" * 100, seq_num=1) + codec.encode(2, b"", seq_num=2)
+        first.data_received(clean)
+        second.data_received(clean)
+        third = side.conns[2][0]
+        third.data_received(clean)  # a third connection: worker 0 again
+        assert general == []
+        assert (first.outstanding, second.outstanding, side.server.stats["requests"]) == (2, 2, 6)
+        assert (list(first.inflight), list(second.inflight), list(third.inflight)) == ([0], [1], [0])
+        cut = codec.encode(3, b"b" * 50, seq_num=3)
+        first.data_received(cut[:30])  # cut short: the general path keeps the start
+        first.data_received(cut[30:])  # completes it: still the general path
+        short = codec.length.pack(10) + b"x" * 6
+        second.data_received(short)  # a length below the header: the general path says why
+        assert general == [cut[:30], cut[30:], short]
+        assert side.server.stats["protocol_errors"] == 1
+        side.take()
+        packets = [[(conn_id, p) for k, conn_id, p in taken if k == records.PACKETS] for taken in side.taken]
+        assert packets == [[(first.conn_id, clean), (third.conn_id, clean), (first.conn_id, cut)],
+                           [(second.conn_id, clean)]]
+    finally:
+        side.close()

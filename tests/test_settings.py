@@ -142,6 +142,7 @@ def test_wrong_type_or_value_names_key(text, key):
         ("[server]\nmax_connections = 0", "server.max_connections"),
         ("[server]\nbacklog = 70000", "server.backlog"),
         ("[server]\nstop_timeout = 0", "server.stop_timeout"),
+        ("[server]\nmax_reply_backlog = 10000000000000000000", "server.max_reply_backlog"),
         ('[server]\nname = ""', "server.name"),
         ("[ring]\nsize = 1024", "ring.size"),
     ],

@@ -54,7 +54,7 @@ static uint32_t get_u32(const unsigned char *p, int big) {
 
 /* stats[key] += n (a Counter: a missing key counts from 0). */
 static int count_in(PyObject *stats, PyObject *key, Py_ssize_t n) {
-    if (!PyDict_Check(stats)) {
+    if (stats == NULL || !PyDict_Check(stats)) {
         PyErr_SetString(PyExc_TypeError, "ConnCore.stats must be a dict");
         return -1;
     }
