@@ -1,4 +1,5 @@
-/* The two per-record steps of a ring, in C: RingWriter.try_write and RingReader.read_batch.
+/* The per-record steps of a ring, in C: RingWriter.try_write, RingReader.read_batch and
+ * RingSender.send (SenderCore: write or queue, and see that the record gets published).
  *
  * ring_core.py is the same code in Python (the fallback when no C compiler was there at
  * install time) and the description of what these do; the layout is in ring.py. Each
@@ -20,7 +21,7 @@
 
 /* What aserver/native.py expects: raise it whenever a call's signature or meaning
    changes, so a stale build is not used. */
-#define RING_CORE_ABI 2
+#define RING_CORE_ABI 3
 
 #define DATA_OFFSET 384
 #define HEADER_SIZE 16
@@ -343,6 +344,114 @@ static PyTypeObject ReaderCoreType = {
     .tp_members = reader_members,
 };
 
+/* SenderCore: the base of channel.RingSender, whose state these fields are (under the
+   same names as in ring_core.SenderCore); RingSender supplies _wait and _publish. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *writer;   /* _writer: a RingWriter (a WriterCore) */
+    PyObject *overflow; /* _overflow: records waiting for room */
+    PyObject *loop;     /* _loop */
+    unsigned long long records_sent;
+    unsigned long long early_publish;
+    char publish_scheduled;
+} Sender;
+
+static PyObject *s_wait, *s_publish, *s_publish_later, *s_call_soon;
+
+static PyObject *sender_send(Sender *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "send(kind, conn_id, payload)");
+        return NULL;
+    }
+    if (self->writer == NULL || !PyObject_TypeCheck(self->writer, &WriterCoreType) || self->overflow == NULL ||
+        self->loop == NULL) {
+        PyErr_SetString(PyExc_TypeError, "SenderCore needs _writer (a C WriterCore), _overflow and _loop");
+        return NULL;
+    }
+    Py_ssize_t waiting = PyObject_Length(self->overflow);
+    if (waiting < 0) return NULL;
+    if (waiting == 0) {
+        Core *writer = (Core *)Py_NewRef(self->writer); /* ours even if try_write's buffer exports swap it */
+        PyObject *written = writer_try_write(writer, args, 3);
+        int ok = written == Py_True;
+        Py_XDECREF(written);
+        if (written == NULL) {
+            Py_DECREF(writer);
+            return NULL;
+        }
+        if (ok) {
+            self->records_sent += 1;
+            PyObject *r = NULL;
+            if (writer->unpublished >= self->early_publish) {
+                r = PyObject_CallMethodNoArgs((PyObject *)writer, s_publish);
+            } else if (!self->publish_scheduled) {
+                self->publish_scheduled = 1;
+                PyObject *later = PyObject_GetAttr((PyObject *)self, s_publish_later);
+                r = later ? PyObject_CallMethodOneArg(self->loop, s_call_soon, later) : NULL;
+                Py_XDECREF(later);
+            } else {
+                r = Py_NewRef(Py_None);
+            }
+            Py_DECREF(writer);
+            if (r == NULL) return NULL;
+            Py_DECREF(r);
+            Py_RETURN_TRUE;
+        }
+        Py_DECREF(writer);
+    }
+    PyObject *call[4] = {(PyObject *)self, args[0], args[1], args[2]};
+    return PyObject_VectorcallMethod(s_wait, call, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+}
+
+static int sender_traverse(Sender *self, visitproc visit, void *arg) {
+    Py_VISIT(self->writer);
+    Py_VISIT(self->overflow);
+    Py_VISIT(self->loop);
+    return 0;
+}
+
+static int sender_clear(Sender *self) {
+    Py_CLEAR(self->writer);
+    Py_CLEAR(self->overflow);
+    Py_CLEAR(self->loop);
+    return 0;
+}
+
+static void sender_dealloc(Sender *self) {
+    PyObject_GC_UnTrack(self);
+    sender_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef sender_methods[] = {
+    {"send", (PyCFunction)(void (*)(void))sender_send, METH_FASTCALL,
+     "Write one record and see that it is published, or queue it with _wait (see ring_core.SenderCore)."},
+    {NULL},
+};
+
+static PyMemberDef sender_members[] = {
+    {"_writer", T_OBJECT, offsetof(Sender, writer), 0, NULL},
+    {"_overflow", T_OBJECT, offsetof(Sender, overflow), 0, NULL},
+    {"_loop", T_OBJECT, offsetof(Sender, loop), 0, NULL},
+    {"records_sent", T_ULONGLONG, offsetof(Sender, records_sent), 0, NULL},
+    {"early_publish_bytes", T_ULONGLONG, offsetof(Sender, early_publish), 0, NULL},
+    {"_publish_scheduled", T_BOOL, offsetof(Sender, publish_scheduled), 0, NULL},
+    {NULL},
+};
+
+static PyTypeObject SenderCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "aserver.ipc._ring_core.SenderCore",
+    .tp_basicsize = sizeof(Sender),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "RingSender's per-record step (see ring_core.SenderCore).",
+    .tp_new = PyType_GenericNew,
+    .tp_dealloc = (destructor)sender_dealloc,
+    .tp_traverse = (traverseproc)sender_traverse,
+    .tp_clear = (inquiry)sender_clear,
+    .tp_methods = sender_methods,
+    .tp_members = sender_members,
+};
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "aserver.ipc._ring_core",
@@ -351,14 +460,22 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__ring_core(void) {
-    if (PyType_Ready(&WriterCoreType) < 0 || PyType_Ready(&ReaderCoreType) < 0) return NULL;
+    if ((s_wait = PyUnicode_InternFromString("_wait")) == NULL ||
+        (s_publish = PyUnicode_InternFromString("publish")) == NULL ||
+        (s_publish_later = PyUnicode_InternFromString("_publish")) == NULL ||
+        (s_call_soon = PyUnicode_InternFromString("call_soon")) == NULL)
+        return NULL;
+    if (PyType_Ready(&WriterCoreType) < 0 || PyType_Ready(&ReaderCoreType) < 0 || PyType_Ready(&SenderCoreType) < 0)
+        return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
     Py_INCREF(&WriterCoreType);
     Py_INCREF(&ReaderCoreType);
+    Py_INCREF(&SenderCoreType);
     if (PyModule_AddIntConstant(m, "ABI", RING_CORE_ABI) < 0 ||
         PyModule_AddObject(m, "WriterCore", (PyObject *)&WriterCoreType) < 0 ||
-        PyModule_AddObject(m, "ReaderCore", (PyObject *)&ReaderCoreType) < 0) {
+        PyModule_AddObject(m, "ReaderCore", (PyObject *)&ReaderCoreType) < 0 ||
+        PyModule_AddObject(m, "SenderCore", (PyObject *)&SenderCoreType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -11,7 +11,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 
-from aserver.ipc.ring import RingReader, RingWriter
+from aserver.ipc.ring import RingReader, RingWriter, SenderCore
 
 log = logging.getLogger(__name__)
 
@@ -22,10 +22,11 @@ EARLY_PUBLISH_BYTES = 8192
 POLL_INTERVAL = 0.1
 
 
-class RingSender:
+class RingSenderBase:
     """Writes records, publishing once per loop iteration. When the ring is full, records
     wait in order in an in-process queue (never dropped) and `send` returns False so the
-    caller can stop reading from its sources; `on_room` is called once the queue empties."""
+    caller can stop reading from its sources; `on_room` is called once the queue empties.
+    `send` is SenderCore's (ring_core.py, or C): see RingSender."""
 
     def __init__(
         self,
@@ -38,6 +39,7 @@ class RingSender:
         self._on_room = on_room
         self._overflow: deque[tuple[int, int, bytes | bytearray | memoryview]] = deque()
         self._publish_scheduled = False
+        self.early_publish_bytes = EARLY_PUBLISH_BYTES
         self._waiting = False
         self._poll: asyncio.TimerHandle | None = None
         self.max_payload = writer.max_payload
@@ -63,19 +65,8 @@ class RingSender:
         self._writer.discard_unread()
         self.records_sent = self._writer.records_written
 
-    def send(
-        self, kind: int, conn_id: int, payload: bytes | bytearray | memoryview | list[bytes | bytearray | memoryview]
-    ) -> bool:
-        """Write (or queue) one record; a list payload is its parts back to back."""
-        writer = self._writer
-        if not self._overflow and writer.try_write(kind, conn_id, payload):
-            self.records_sent += 1
-            if writer.unpublished >= EARLY_PUBLISH_BYTES:
-                writer.publish()
-            elif not self._publish_scheduled:
-                self._publish_scheduled = True
-                self._loop.call_soon(self._publish)
-            return True
+    def _wait(self, kind: int, conn_id: int, payload: bytes | bytearray | memoryview | list) -> bool:
+        """`send` could not write the record now: queue it behind the others."""
         # A list's parts may be a handler's buffers: queue what they hold now.
         self._overflow.append((kind, conn_id, b"".join(payload) if type(payload) is list else payload))
         self.records_sent += 1
@@ -138,6 +129,10 @@ class RingSender:
         writer.publish()
         self._stop_waiting()
         self._on_room()
+
+
+class RingSender(SenderCore, RingSenderBase):  # type: ignore[valid-type,misc]
+    __doc__ = RingSenderBase.__doc__
 
 
 class RingReceiver:

@@ -47,6 +47,7 @@ from aserver.native import native
 # The per-record steps in C when they were built (see ring_core.py).
 _c_core = native("aserver.ipc._ring_core")
 ReaderCore, WriterCore = (_c_core or ring_core).ReaderCore, (_c_core or ring_core).WriterCore
+SenderCore = (_c_core or ring_core).SenderCore  # channel.RingSender's base
 
 _CAPACITY, _WRITE_POS, _READ_POS, _READER_SLEEPING, _WRITER_WAITING, _RECORDS_READ = 0, 8, 16, 24, 32, 40
 

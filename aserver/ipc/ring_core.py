@@ -1,4 +1,5 @@
-"""The two per-record steps of a ring: `WriterCore.try_write` and `ReaderCore.read_batch`.
+"""The per-record steps of a ring: `WriterCore.try_write`, `ReaderCore.read_batch`, and
+`SenderCore.send` (RingSender's: write or queue, and see that it gets published).
 
 `_ring_core.c` is the same in C, built at install time when a C compiler is there, and
 ring.py uses that when it can (about 9x less time per record); this module is the
@@ -132,3 +133,27 @@ class ReaderCore(_Core):
         self._read = read
         self._records_read += len(records)
         return records
+
+
+class SenderCore:
+    """The per-record step of channel.RingSender, whose instance holds the state used here
+    (`_writer`, `_overflow`, `_loop`, `_publish_scheduled`, `records_sent`,
+    `early_publish_bytes`) and the slow path, `_wait`."""
+
+    def send(
+        self, kind: int, conn_id: int, payload: bytes | bytearray | memoryview | list[bytes | bytearray | memoryview]
+    ) -> bool:
+        """Write one record (a list payload is its parts back to back) and see that it is
+        published: at the end of this loop iteration, or now once `early_publish_bytes`
+        are unpublished. If records already wait or the ring is full, `_wait` queues it
+        (and returns False)."""
+        writer = self._writer  # type: ignore[attr-defined]
+        if not self._overflow and writer.try_write(kind, conn_id, payload):  # type: ignore[attr-defined]
+            self.records_sent += 1  # type: ignore[attr-defined]
+            if writer.unpublished >= self.early_publish_bytes:  # type: ignore[attr-defined]
+                writer.publish()
+            elif not self._publish_scheduled:  # type: ignore[has-type]
+                self._publish_scheduled = True
+                self._loop.call_soon(self._publish)  # type: ignore[attr-defined]
+            return True
+        return self._wait(kind, conn_id, payload)  # type: ignore[attr-defined]
