@@ -887,6 +887,7 @@ def test_c_and_python_senders_agree(ops):
         senders.append(sender)
         loops.append(loop)
         taken.append([])
+    references = [sys.getrefcount(sender) for sender in senders]
     try:
         for serial, op in enumerate(ops):
             answers = []
@@ -910,10 +911,30 @@ def test_c_and_python_senders_agree(ops):
                                 pair.writer.records_written, pair.writer._words[8], list(loop.readers) != []))
             assert answers[: len(answers) // 2] == answers[len(answers) // 2 :], op
         assert taken[0] == taken[1]
+        for loop in loops:
+            loop.run_soon()  # what was scheduled held the senders: now nothing does
+        assert [sys.getrefcount(sender) for sender in senders] == references
     finally:
         for sender, pair in zip(senders, pairs, strict=True):
             sender._stop_waiting()
             pair.close()
+
+
+def test_a_send_whose_publish_cannot_be_scheduled_raises_and_tries_again_next_time(make_ring):
+    """A loop that refuses the publish (it is closed): send raises, the record stays
+    written, and the next send tries to schedule it again, on either SenderCore."""
+    python_sender = type("PythonRingSender", (ring_core.SenderCore, RingSenderBase), {})
+    for sender_type in (RingSender, python_sender):
+        pair = make_ring(4096)
+        loop = RecordingLoop()
+        sender = sender_type(pair.writer, loop, lambda: None)
+        loop.call_soon = lambda *args: (_ for _ in ()).throw(RuntimeError("Event loop is closed"))
+        with pytest.raises(RuntimeError):
+            sender.send(1, 2, b"abc")
+        assert (sender.records_sent, pair.writer.records_written, sender._publish_scheduled) == (1, 1, False)
+        del loop.call_soon  # the class's again
+        assert sender.send(1, 2, b"def")
+        assert sender._publish_scheduled and len(loop.soon) == 1, sender_type
 
 
 async def test_a_queued_list_payload_is_what_its_parts_held_when_sent(make_ring):

@@ -363,41 +363,50 @@ static PyObject *sender_send(Sender *self, PyObject *const *args, Py_ssize_t nar
         PyErr_SetString(PyExc_TypeError, "send(kind, conn_id, payload)");
         return NULL;
     }
-    if (self->writer == NULL || !PyObject_TypeCheck(self->writer, &WriterCoreType) || self->overflow == NULL ||
-        self->loop == NULL) {
-        PyErr_SetString(PyExc_TypeError, "SenderCore needs _writer (a C WriterCore), _overflow and _loop");
+    /* Python code can run inside PyObject_Length and try_write (a __len__, a __buffer__):
+       each field is taken with a reference of our own just before it is used. */
+    PyObject *overflow = self->overflow;
+    if (overflow == NULL) {
+        PyErr_SetString(PyExc_TypeError, "SenderCore needs _overflow");
         return NULL;
     }
-    Py_ssize_t waiting = PyObject_Length(self->overflow);
+    Py_INCREF(overflow);
+    Py_ssize_t waiting = PyObject_Length(overflow);
+    Py_DECREF(overflow);
     if (waiting < 0) return NULL;
     if (waiting == 0) {
-        Core *writer = (Core *)Py_NewRef(self->writer); /* ours even if try_write's buffer exports swap it */
-        PyObject *written = writer_try_write(writer, args, 3);
-        int ok = written == Py_True;
-        Py_XDECREF(written);
-        if (written == NULL) {
-            Py_DECREF(writer);
+        PyObject *writer = self->writer, *loop = self->loop;
+        if (writer == NULL || !PyObject_TypeCheck(writer, &WriterCoreType) || loop == NULL) {
+            PyErr_SetString(PyExc_TypeError, "SenderCore needs _writer (a C WriterCore) and _loop");
             return NULL;
         }
+        Py_INCREF(writer);
+        Py_INCREF(loop);
+        PyObject *written = writer_try_write((Core *)writer, args, 3);
+        int ok = written == Py_True;
+        Py_XDECREF(written);
+        PyObject *r = NULL;
         if (ok) {
             self->records_sent += 1;
-            PyObject *r = NULL;
-            if (writer->unpublished >= self->early_publish) {
-                r = PyObject_CallMethodNoArgs((PyObject *)writer, s_publish);
+            if (((Core *)writer)->unpublished >= self->early_publish) {
+                r = PyObject_CallMethodNoArgs(writer, s_publish);
             } else if (!self->publish_scheduled) {
-                self->publish_scheduled = 1;
                 PyObject *later = PyObject_GetAttr((PyObject *)self, s_publish_later);
-                r = later ? PyObject_CallMethodOneArg(self->loop, s_call_soon, later) : NULL;
+                r = later ? PyObject_CallMethodOneArg(loop, s_call_soon, later) : NULL;
                 Py_XDECREF(later);
+                if (r != NULL) self->publish_scheduled = 1; /* only once it is scheduled */
             } else {
                 r = Py_NewRef(Py_None);
             }
-            Py_DECREF(writer);
+        }
+        Py_DECREF(writer);
+        Py_DECREF(loop);
+        if (written == NULL) return NULL;
+        if (ok) {
             if (r == NULL) return NULL;
             Py_DECREF(r);
             Py_RETURN_TRUE;
         }
-        Py_DECREF(writer);
     }
     PyObject *call[4] = {(PyObject *)self, args[0], args[1], args[2]};
     return PyObject_VectorcallMethod(s_wait, call, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);

@@ -153,7 +153,7 @@ class SenderCore:
             if writer.unpublished >= self.early_publish_bytes:  # type: ignore[attr-defined]
                 writer.publish()
             elif not self._publish_scheduled:  # type: ignore[has-type]
-                self._publish_scheduled = True
                 self._loop.call_soon(self._publish)  # type: ignore[attr-defined]
+                self._publish_scheduled = True
             return True
         return self._wait(kind, conn_id, payload)  # type: ignore[attr-defined]

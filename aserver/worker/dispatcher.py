@@ -136,8 +136,10 @@ class Dispatcher:
         connections = self.connections
         unpack = self.codec.header.unpack_from
         ready = self._ready
+        fast = self._fast_inline
         added = 0
-        answered = 0
+        answered = 0  # records whose requests ran inline (from their start)
+        ran = 0  # requests that ran inline
         for kind, conn_id, payload in batch:
             conn = connections.get(conn_id)
             if kind == records.PACKETS:
@@ -145,7 +147,13 @@ class Dispatcher:
                     conn = self._adopt(conn_id, ("?", 0))
                 pos = 0
                 if not (conn._scheduled or conn._jobs):
-                    pos = self._run_inline(conn, payload)
+                    if fast is not None:  # the C loop, called here: a Python call less per record
+                        pos, count, unusual = fast.run(conn, payload, 0)
+                        if unusual is not None:
+                            pos, count = self._run_after_unusual(conn, payload, pos, count, unusual)
+                    else:
+                        pos, count = self._run_inline(conn, payload)
+                    ran += count
                     answered += 1
                 size = len(payload)
                 if pos == size:
@@ -175,6 +183,7 @@ class Dispatcher:
                 conn._scheduled = True
                 ready.put_nowait(conn)
         if answered:
+            self.stats["requests"] += ran
             self._flush()  # the end of the batch: the inline replies go out now
         if added:
             self.pending += added
@@ -183,21 +192,21 @@ class Dispatcher:
             if self.pending >= self.max_pending:
                 self._pause_intake()
 
-    def _run_inline(self, conn: Connection, payload: bytes | memoryview) -> int:
-        """Run the record's requests with sync handlers, in order, until one needs a
-        consumer task (async handler, or none at all). Returns where that one starts."""
+    def _run_after_unusual(self, conn: Connection, payload: bytes | memoryview, pos: int, count: int,
+                           unusual: tuple) -> tuple[int, int]:
+        """The C loop stopped at a request it hands back (see _inline.c): answer it in
+        Python and go on. Returns where the record's inline run ended and how many ran."""
         fast = self._fast_inline
-        if fast is not None:
-            pos = count = 0
-            while True:
-                pos, ran, unusual = fast.run(conn, payload, pos)
-                count += ran
-                if unusual is None:
-                    break
-                self._answer_unusual(conn, *unusual)
-                count += 1
-            self.stats["requests"] += count
-            return pos
+        while unusual is not None:
+            self._answer_unusual(conn, *unusual)
+            pos, ran, unusual = fast.run(conn, payload, pos)
+            count += 1 + ran
+        return pos, count
+
+    def _run_inline(self, conn: Connection, payload: bytes | memoryview) -> tuple[int, int]:
+        """Run the record's requests with sync handlers, in order, until one needs a
+        consumer task (async handler, or none at all). Returns where that one starts and
+        how many ran. (The Python loop; the C one does the same, see on_records.)"""
         if type(payload) is not bytes:
             payload = bytes(payload)  # a view of the ring: handlers get bytes bodies
         unpack = self.codec.header.unpack_from
@@ -229,8 +238,7 @@ class Dispatcher:
                 self._answer_unusual(conn, seq, cmd, user, handler, result, error)
             pos += length
             count += 1
-        self.stats["requests"] += count
-        return pos
+        return pos, count
 
     def _answer_unusual(self, conn: Connection, seq: int, cmd: int, user: int, handler: Callable,
                         result: object, exc: BaseException | None) -> None:
