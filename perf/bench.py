@@ -6,7 +6,8 @@
 
 Sections (--only): "matrix" = connections x in-flight x body for the reference and aserver
 with each of --workers; "bytes" = 16 KiB bodies at 50 x 4; "cpu" = cmd 2 (~200 us of
-Python per request) with 1 and 2 workers; "idle" = --idle connections held open, the
+Python per request) with 1 and 2 workers, and the same work in 1 and 2 bare processes (the
+machine's own scaling: that target's ceiling); "idle" = --idle connections held open, the
 conn process's VmRSS growth per connection, then one echo on each. Servers of one
 configuration run one after another, each run on a fresh server and a free port.
 
@@ -24,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import multiprocessing
+import multiprocessing.queues
 import os
 import queue
 import signal
@@ -459,6 +462,34 @@ def print_row(r: dict) -> None:
     )
 
 
+def _burn_for(seconds: float, out: multiprocessing.queues.Queue) -> None:
+    sys.path.insert(0, str(REPO))
+    from handlers.echo import burn
+
+    done = 0
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        burn()
+        done += 1
+    out.put(done)
+
+
+def machine_scaling(seconds: float = 3.0) -> float:
+    """cmd 2's work (handlers.echo.burn) in two processes at once against one alone: how
+    far this machine lets two CPU-bound processes scale, the ceiling of the cmd 2 target."""
+    context = multiprocessing.get_context("fork")
+    totals = []
+    for processes in (1, 2):
+        out = context.Queue()
+        workers = [context.Process(target=_burn_for, args=(seconds, out)) for _ in range(processes)]
+        for worker in workers:
+            worker.start()
+        totals.append(sum(out.get() for _ in workers))
+        for worker in workers:
+            worker.join()
+    return totals[1] / totals[0]
+
+
 def bench(opts: Options) -> dict:
     """Run everything selected; returns the report (options, runs, summary, idle, targets)."""
     started = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -471,18 +502,22 @@ def bench(opts: Options) -> dict:
     with tempfile.TemporaryDirectory(prefix="aserver-bench-") as tmp:
         settings_path = write_settings(Path(tmp))
         print(ROW_HEADER, flush=True)
+        scaling: list[float] = []
         for _ in range(opts.rounds):
             for group in plan(opts):
                 for spec in group:
                     runs.append(run_load(spec, opts, settings_path))
                     print_row(runs[-1])
+            if "cpu" in opts.only:
+                scaling.append(machine_scaling(opts.duration))
+                print(f"machine: cmd 2's work in 2 processes vs 1 (no server): {scaling[-1]:.2f}", flush=True)
         if "idle" in opts.only:
             for spec in (Spec("reference", opts.idle, 0, 0), Spec("aserver", opts.idle, 0, 0, workers=1)):
                 idle_results[spec.as_dict()["label"]] = run_idle(spec, opts, settings_path)
     summary = report.summarize(runs)
     options = {**asdict(opts), "aserver_root": str(opts.aserver_root), "out": str(opts.out)}
-    return {"started": started, "options": options, "runs": runs, "summary": summary,
-            "idle": idle_results, "targets": report.targets(summary, idle_results)}
+    return {"started": started, "options": options, "runs": runs, "summary": summary, "idle": idle_results,
+            "machine_scaling": scaling, "targets": report.targets(summary, idle_results, scaling)}
 
 
 def error_lines(rep: dict) -> list[str]:

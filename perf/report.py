@@ -118,8 +118,14 @@ def _idle_target(idle: dict) -> dict:
     return target
 
 
-def targets(rows: list[dict], idle: dict) -> list[dict]:
-    return [_ratio_target(rows, spec) for spec in RATIO_TARGETS] + [_idle_target(idle)]
+def targets(rows: list[dict], idle: dict, machine_scaling: list[float] | None = None) -> list[dict]:
+    """`machine_scaling`: the same CPU work in 2 processes vs 1 without a server, once per
+    round (bench.machine_scaling): the cmd 2 target's ceiling on this machine."""
+    items = [_ratio_target(rows, spec) for spec in RATIO_TARGETS] + [_idle_target(idle)]
+    if machine_scaling:
+        cmd2 = next(t for t in items if t["target"].startswith("cmd 2"))
+        cmd2["detail"] += "; the bare work itself scales " + ", ".join(f"{x:.2f}" for x in machine_scaling)
+    return items
 
 
 # Text --------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ def test_bench_command_end_to_end(tmp_path: Path) -> None:
     for run in report["runs"]:
         assert run["requests"] > 0 and run["errors"] == 0, run["error_samples"]
     assert [r["answered"] for r in report["idle"].values()] == [200, 200]
+    assert len(report["machine_scaling"]) == 1 and report["machine_scaling"][0] > 0  # the cmd 2 ceiling
     assert "## Targets" in (out / "results.md").read_text()
 
 
