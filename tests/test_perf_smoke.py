@@ -183,3 +183,18 @@ def test_ringbench_runs_on_either_core(pure_python: str) -> None:
     assert re.fullmatch(r"(C: .+|pure Python): \d+\.\d\d us per 100-byte record written and read\n", proc.stdout)
     if pure_python:
         assert proc.stdout.startswith("pure Python")
+
+
+@needs_gcc
+def test_abtest_runs_two_variants_of_this_checkout() -> None:
+    """perf/abtest.py (how perf/README's A/B figures are measured): this checkout on the C
+    and the pure-Python path, every reply verified by the load generator."""
+    proc = subprocess.run([sys.executable, str(PERF / "abtest.py"), "c=.", "python=.:ASERVER_PURE_PYTHON=1",
+                           "--configs", "5x2", "--rounds", "1", "--duration", "1"],
+                          capture_output=True, text=True, timeout=120, cwd=PERF.parent)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = proc.stdout.splitlines()
+    assert [row.split()[:2] for row in rows] == [["5x2", "c"], ["5x2", "python"]], proc.stdout
+    for row in rows:
+        numbers = [float(x) for x in re.findall(r"(\d[\d,]*\.?\d*) (?:req/s|ms|us/req)", row.replace(",", ""))]
+        assert len(numbers) == 4 and numbers[0] > 0 and numbers[2] > 0 and numbers[3] > 0, row
