@@ -39,6 +39,6 @@ def native(module: str) -> ModuleType | None:
 
 
 def describe() -> str:
-    """Which parts run in C here, e.g. "C: ring records, worker inline loop"."""
+    """Which parts run in C here, e.g. "C: ring records, worker inline loop, conn per-request steps"."""
     built = [what for module, (what, _abi) in MODULES.items() if native(module) is not None]
     return "C: " + ", ".join(built) if built else "pure Python"

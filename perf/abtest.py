@@ -4,13 +4,15 @@
     .venv/bin/python perf/abtest.py c=. python=.:ASERVER_PURE_PYTHON=1 --configs 50x4x16384
 
 Each variant is NAME=CHECKOUT[:ENV=VALUE...]: a directory to run `python -m aserver` in
-(its C modules built in place: `python setup.py build_ext --inplace`), and environment
-settings. Per configuration (CONNECTIONSxDEPTH[xBODY]) and round, each variant in turn
-gets a fresh server (1 worker, WARNING log, a free port) and the C load generator
-(perf/cload.c) for --duration seconds; it prints the variant's req/s, p99, and the CPU
+(its C modules built in place: `.venv/bin/python setup.py build_ext --inplace` there, after
+`.venv/bin/pip install setuptools` on Python 3.12+), and environment settings. What each
+variant runs in C is printed first (a checkout without its C modules runs pure Python).
+Per configuration (CONNECTIONSxDEPTH[xBODY]) and round, each variant in turn gets a fresh
+server (1 worker, WARNING log, a free port) and the C load generator (perf/cload.c) for
+--duration seconds; it prints the variant's req/s, p99, and the CPU
 time per request of its worker and its conn process, read from /proc around a window in
-the middle of the run. bench.py compares aserver with the reference; this compares
-aserver with itself, which is how every A/B figure in perf/README.md was measured.
+the middle of the run. bench.py compares aserver with the reference; this compares aserver
+with itself (perf/README.md's fourth-round req/s and CPU-per-request figures).
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from pathlib import Path
 import bench
 import cload
 
-TICK = os.sysconf("SC_CLK_TCK")
 SETTINGS = """\
 [server]
 bind = "127.0.0.1:{port}"
@@ -41,8 +42,18 @@ pid_file = "{pid_file}"
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    cpu = bench.process_cpu(pid)
+    if cpu is None:
+        raise RuntimeError(f"process {pid} is gone")
+    return cpu[1]
+
+
+def describe(checkout: Path, env: dict[str, str]) -> str:
+    """What the variant runs in C (aserver.native.describe() in its checkout)."""
+    probe = subprocess.run([sys.executable, "-c", "from aserver.native import describe; print(describe())"],
+                           cwd=checkout, env={**os.environ, **env, "PYTHONPATH": str(checkout)},
+                           capture_output=True, text=True)
+    return probe.stdout.strip() or probe.stderr.strip().splitlines()[-1]
 
 
 def child_named(parent: int, role: str) -> int:
@@ -66,13 +77,16 @@ def run_one(checkout: Path, env: dict[str, str], connections: int, depth: int, b
     port = bench.free_port()
     settings = tmp / f"ab-{port}.toml"
     settings.write_text(SETTINGS.format(port=port, pid_file=tmp / f"ab-{port}.pid"))
-    server = subprocess.Popen([sys.executable, "-m", "aserver", "--settings", str(settings)], cwd=checkout,
-                              env={**os.environ, **env, "PYTHONPATH": str(checkout)}, stderr=subprocess.DEVNULL)
+    log = tmp / f"ab-{port}.log"
+    with log.open("w") as stderr:
+        server = subprocess.Popen([sys.executable, "-m", "aserver", "--settings", str(settings)], cwd=checkout,
+                                  env={**os.environ, **env, "PYTHONPATH": str(checkout)}, stderr=stderr)
+    client = None
     try:
         deadline = time.monotonic() + bench.START_TIMEOUT
         while not bench.echo_probe(port):
             if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"aserver in {checkout} did not start")
+                raise RuntimeError(f"aserver in {checkout} did not start:\n" + log.read_text()[-2000:])
             time.sleep(0.1)
         worker, conn = child_named(server.pid, "worker 0"), child_named(server.pid, "conn 0")
         client = subprocess.Popen([str(cload.build()), "--target", f"127.0.0.1:{port}", "-c", str(connections),
@@ -83,8 +97,10 @@ def run_one(checkout: Path, env: dict[str, str], connections: int, depth: int, b
         before = (cpu_seconds(worker), cpu_seconds(conn), time.monotonic())
         time.sleep(window)
         after = (cpu_seconds(worker), cpu_seconds(conn), time.monotonic())
-        result = json.loads(client.communicate()[0])
+        result = json.loads(client.communicate(timeout=duration + 70)[0])
     finally:
+        if client is not None and client.poll() is None:
+            client.kill()
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=bench.STOP_TIMEOUT)
     requests = result["req_per_s"] * (after[2] - before[2])
@@ -100,6 +116,8 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds of load per run")
     args = parser.parse_args()
     variants = [parse_variant(text) for text in args.variants]
+    for name, checkout, env in variants:
+        print(f"{name}: {checkout} ({describe(checkout, env)})", flush=True)
     failed = 0
     with tempfile.TemporaryDirectory(prefix="aserver-ab-") as tmp:
         for config in args.configs.split(","):

@@ -462,8 +462,8 @@ def print_row(r: dict) -> None:
     )
 
 
-def _burn_for(seconds: float, out: multiprocessing.queues.Queue) -> None:
-    sys.path.insert(0, str(REPO))
+def _burn_for(seconds: float, out: multiprocessing.queues.Queue, root: Path) -> None:
+    sys.path.insert(0, str(root))
     from handlers.echo import burn
 
     done = 0
@@ -474,24 +474,26 @@ def _burn_for(seconds: float, out: multiprocessing.queues.Queue) -> None:
     out.put(done)
 
 
-def machine_scaling(seconds: float = 3.0) -> float:
-    """cmd 2's work (handlers.echo.burn) in two processes at once against one alone: how
-    far this machine lets two CPU-bound processes scale, the ceiling of the cmd 2 target."""
+def machine_scaling(seconds: float, root: Path) -> float:
+    """cmd 2's work (handlers.echo.burn of the aserver checkout at `root`) in two
+    processes at once against one alone: how far this machine lets two CPU-bound
+    processes scale, the ceiling of the cmd 2 target."""
     context = multiprocessing.get_context("fork")
     totals = []
     for processes in (1, 2):
         out = context.Queue()
-        workers = [context.Process(target=_burn_for, args=(seconds, out)) for _ in range(processes)]
+        workers = [context.Process(target=_burn_for, args=(seconds, out, root)) for _ in range(processes)]
         for worker in workers:
             worker.start()
-        totals.append(sum(out.get() for _ in workers))
+        totals.append(sum(out.get(timeout=seconds + 30) for _ in workers))
         for worker in workers:
             worker.join()
     return totals[1] / totals[0]
 
 
 def bench(opts: Options) -> dict:
-    """Run everything selected; returns the report (options, runs, summary, idle, targets)."""
+    """Run everything selected; returns the report (options, runs, summary, idle,
+    machine_scaling, targets)."""
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     if opts.client == "c":
         print(f"load generator: C ({cload.build().relative_to(REPO)})", flush=True)
@@ -509,7 +511,7 @@ def bench(opts: Options) -> dict:
                     runs.append(run_load(spec, opts, settings_path))
                     print_row(runs[-1])
             if "cpu" in opts.only:
-                scaling.append(machine_scaling(opts.duration))
+                scaling.append(machine_scaling(opts.duration, opts.aserver_root))
                 print(f"machine: cmd 2's work in 2 processes vs 1 (no server): {scaling[-1]:.2f}", flush=True)
         if "idle" in opts.only:
             for spec in (Spec("reference", opts.idle, 0, 0), Spec("aserver", opts.idle, 0, 0, workers=1)):

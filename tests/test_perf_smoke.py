@@ -193,7 +193,8 @@ def test_abtest_runs_two_variants_of_this_checkout() -> None:
                            "--configs", "5x2", "--rounds", "1", "--duration", "1"],
                           capture_output=True, text=True, timeout=120, cwd=PERF.parent)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = proc.stdout.splitlines()
+    described, rows = proc.stdout.splitlines()[:2], proc.stdout.splitlines()[2:]
+    assert described[0].startswith("c: ") and described[1].endswith("(pure Python)"), described
     assert [row.split()[:2] for row in rows] == [["5x2", "c"], ["5x2", "python"]], proc.stdout
     for row in rows:
         numbers = [float(x) for x in re.findall(r"(\d[\d,]*\.?\d*) (?:req/s|ms|us/req)", row.replace(",", ""))]

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from aserver.conn.server import ConnServer, WorkerLink
 
 # The per-request steps in C when they were built (see conn_core.py).
-ConnCore: type[conn_core.ConnCore] = (native("aserver.conn._conn_core") or conn_core).ConnCore
+# (The C type is conn_core.ConnCore structurally, not a subclass of it.)
+ConnCore: type = (native("aserver.conn._conn_core") or conn_core).ConnCore
 
 log = logging.getLogger("aserver.conn")
 

@@ -10,7 +10,8 @@ unusual, and hands everything else to `ClientProtocol.receive`, the general path
 this class's `data_received` always takes. This module is the C one's fallback and
 reference; the tests run both.
 
-The state these steps use lives in ClientProtocol's instance (set in its __init__); in C
+The state these steps use lives in ClientProtocol's instance (set in
+ClientProtocolBase.__init__); in C
 it is the C type's fields, with the same names.
 """
 

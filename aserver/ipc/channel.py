@@ -26,7 +26,8 @@ class RingSenderBase:
     """Writes records, publishing once per loop iteration. When the ring is full, records
     wait in order in an in-process queue (never dropped) and `send` returns False so the
     caller can stop reading from its sources; `on_room` is called once the queue empties.
-    `send` is SenderCore's (ring_core.py, or C): see RingSender."""
+    `send` comes from SenderCore (ring_core.SenderCore, or the C one in _ring_core.c);
+    its slow path is `_wait`."""
 
     def __init__(
         self,

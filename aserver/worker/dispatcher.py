@@ -34,7 +34,8 @@ from aserver.worker.ready_queue import ReadyQueue
 
 log = logging.getLogger("aserver.worker")
 
-# _run_inline's common case in C when it was built (see _inline.c).
+# The inline loop in C when it was built (see _inline.c; its Python twin is _run_inline):
+# on_records calls it directly, _run_after_unusual after each request it hands back.
 _c_inline = native("aserver.worker._inline")
 
 
