@@ -351,7 +351,6 @@ typedef struct {
     PyObject *writer;   /* _writer: a RingWriter (a WriterCore) */
     PyObject *overflow; /* _overflow: records waiting for room */
     PyObject *loop;     /* _loop */
-    unsigned long long records_sent;
     unsigned long long early_publish;
     char publish_scheduled;
 } Sender;
@@ -387,7 +386,6 @@ static PyObject *sender_send(Sender *self, PyObject *const *args, Py_ssize_t nar
         Py_XDECREF(written);
         PyObject *r = NULL;
         if (ok) {
-            self->records_sent += 1;
             if (((Core *)writer)->unpublished >= self->early_publish) {
                 r = PyObject_CallMethodNoArgs(writer, s_publish);
             } else if (!self->publish_scheduled) {
@@ -442,9 +440,26 @@ static PyMemberDef sender_members[] = {
     {"_writer", T_OBJECT, offsetof(Sender, writer), 0, NULL},
     {"_overflow", T_OBJECT, offsetof(Sender, overflow), 0, NULL},
     {"_loop", T_OBJECT, offsetof(Sender, loop), 0, NULL},
-    {"records_sent", T_ULONGLONG, offsetof(Sender, records_sent), 0, NULL},
     {"early_publish_bytes", T_ULONGLONG, offsetof(Sender, early_publish), 0, NULL},
     {"_publish_scheduled", T_BOOL, offsetof(Sender, publish_scheduled), 0, NULL},
+    {NULL},
+};
+
+/* records_sent: the sequence number the next record will have (written or waiting). */
+static PyObject *sender_records_sent(Sender *self, void *Py_UNUSED(closure)) {
+    if (self->writer == NULL || !PyObject_TypeCheck(self->writer, &WriterCoreType) || self->overflow == NULL) {
+        PyErr_SetString(PyExc_TypeError, "SenderCore needs _writer (a C WriterCore) and _overflow");
+        return NULL;
+    }
+    unsigned long long written = ((Core *)self->writer)->records;
+    Py_ssize_t waiting = PyObject_Length(self->overflow);
+    if (waiting < 0) return NULL;
+    return PyLong_FromUnsignedLongLong(written + (unsigned long long)waiting);
+}
+
+static PyGetSetDef sender_getset[] = {
+    {"records_sent", (getter)sender_records_sent, NULL,
+     "Sequence number the next record will have (written or waiting in overflow).", NULL},
     {NULL},
 };
 
@@ -459,6 +474,7 @@ static PyTypeObject SenderCoreType = {
     .tp_clear = (inquiry)sender_clear,
     .tp_methods = sender_methods,
     .tp_members = sender_members,
+    .tp_getset = sender_getset,
 };
 
 static struct PyModuleDef module = {

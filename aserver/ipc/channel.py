@@ -44,8 +44,6 @@ class RingSenderBase:
         self._waiting = False
         self._poll: asyncio.TimerHandle | None = None
         self.max_payload = writer.max_payload
-        # Sequence number the next record will have (written or waiting in overflow).
-        self.records_sent = writer.records_written
 
     @property
     def backlogged(self) -> bool:
@@ -64,13 +62,11 @@ class RingSenderBase:
         self._overflow.clear()
         self._stop_waiting()
         self._writer.discard_unread()
-        self.records_sent = self._writer.records_written
 
     def _wait(self, kind: int, conn_id: int, payload: bytes | bytearray | memoryview | list) -> bool:
         """`send` could not write the record now: queue it behind the others."""
         # A list's parts may be a handler's buffers: queue what they hold now.
         self._overflow.append((kind, conn_id, b"".join(payload) if type(payload) is list else payload))
-        self.records_sent += 1
         if not self._waiting:
             self._start_waiting()
         return False

@@ -137,8 +137,13 @@ class ReaderCore(_Core):
 
 class SenderCore:
     """The per-record step of channel.RingSender, whose instance holds the state used here
-    (`_writer`, `_overflow`, `_loop`, `_publish_scheduled`, `records_sent`,
-    `early_publish_bytes`) and the slow path, `_wait`."""
+    (`_writer`, `_overflow`, `_loop`, `_publish_scheduled`, `early_publish_bytes`) and
+    the slow path, `_wait`."""
+
+    @property
+    def records_sent(self) -> int:
+        """Sequence number the next record will have (written or waiting in overflow)."""
+        return self._writer.records_written + len(self._overflow)  # type: ignore[attr-defined]
 
     def send(
         self, kind: int, conn_id: int, payload: bytes | bytearray | memoryview | list[bytes | bytearray | memoryview]
@@ -149,7 +154,6 @@ class SenderCore:
         (and returns False)."""
         writer = self._writer  # type: ignore[attr-defined]
         if not self._overflow and writer.try_write(kind, conn_id, payload):  # type: ignore[attr-defined]
-            self.records_sent += 1  # type: ignore[attr-defined]
             if writer.unpublished >= self.early_publish_bytes:  # type: ignore[attr-defined]
                 writer.publish()
             elif not self._publish_scheduled:  # type: ignore[has-type]
