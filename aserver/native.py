@@ -20,7 +20,7 @@ log = logging.getLogger("aserver")
 MODULES = {
     "aserver.ipc._ring_core": ("ring records", 3),
     "aserver.worker._inline": ("worker inline loop", 2),
-    "aserver.conn._conn_core": ("conn per-request steps", 1),
+    "aserver.conn._conn_core": ("conn per-request steps", 2),
 }
 
 

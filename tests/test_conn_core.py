@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from itertools import count
 
 import pytest
@@ -303,3 +304,93 @@ def test_the_c_core_frames_a_clean_read_itself(c_protocol) -> None:
                            [(second.conn_id, clean)]]
     finally:
         side.close()
+
+
+def test_replies_go_straight_to_the_socket_and_the_rest_through_the_transport(c_protocol) -> None:
+    """While the transport holds nothing, replies are written to the socket directly
+    (reply views never reach the transport); what the socket does not take goes to the
+    transport as one copy, and so does everything after it until the transport is empty.
+    A closing transport gets nothing, a failed socket leaves the error to the transport."""
+    seen = []
+    for protocol in (c_protocol, PythonProtocol):
+        side = Side(protocol, ByteOrder.LITTLE)
+        ours, peer = socket.socketpair()
+        ours.setblocking(False)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        try:
+            conn, transport = side.conns[0]
+            conn.fd = ours.fileno()
+            steps = []
+
+            def flush(*replies: bytes | memoryview, conn=conn, transport=transport, steps=steps, peer=peer) -> None:
+                before = len(transport.written)
+                for reply in replies:
+                    conn.queue_reply(reply)
+                conn.flush_replies()
+                steps.append((drain(peer), transport.written[before:], conn.handed_over))
+
+            flush(b"a" * 100, memoryview(b"b" * 50))  # all to the socket
+            many = [bytes([i]) * 10 for i in range(100)]  # more than one system call's worth
+            flush(*many)
+            assert steps[-1] == (b"".join(many), [], False)
+            big = bytes(range(256)) * 4096  # 1 MiB: more than the socket takes
+            flush(b"c" * 10, memoryview(big))
+            took, (rest,), _ = steps[-1]
+            assert 10 < len(took) < len(big) and took + rest == b"c" * 10 + big
+            transport.backlog = 5  # the transport still holds some: after it, in order
+            flush(b"d" * 10)
+            transport.backlog = 0  # it wrote everything: straight to the socket again
+            flush(b"e" * 10)
+            transport.closed = True  # closing: the socket may be gone already
+            flush(b"f" * 10)
+            transport.closed = False
+            peer.close()  # the client is gone: the transport meets the error and closes
+            flush(b"g" * 10)
+            assert [(len(took), [len(w) for w in written], handed) for took, written, handed in steps] == [
+                (150, [], False), (1000, [], False), (len(took), [len(rest)], True), (0, [10], True), (10, [], False),
+                (0, [], False), (0, [10], True)]
+            seen.append(steps)
+        finally:
+            ours.close()
+            peer.close()
+            side.close()
+    assert seen[0][0] == seen[1][0] and seen[0][2:] == seen[1][2:]
+
+
+def drain(sock: socket.socket) -> bytes:
+    """Everything waiting on `sock` (non-blocking reads until none is left)."""
+    if sock.fileno() < 0:
+        return b""
+    sock.setblocking(False)
+    out = b""
+    while True:
+        try:
+            chunk = sock.recv(1 << 20)
+        except BlockingIOError:
+            return out
+        if not chunk:
+            return out
+        out += chunk
+
+
+def test_a_connection_whose_replies_cannot_be_written_is_closed_and_the_rest_still_get_theirs(
+        c_protocol, caplog) -> None:
+    """Reply payloads are views of the reply ring, valid only during on_replies: a
+    connection whose flush fails must not keep them (nor stop the others' flush)."""
+    for protocol in (c_protocol, PythonProtocol):
+        side = Side(protocol, ByteOrder.LITTLE)
+        try:
+            (first, broken), (second, working) = side.conns[0], side.conns[1]
+
+            def fail() -> bool:
+                raise RuntimeError("transport broke")
+
+            broken.is_closing = fail
+            side.server.on_replies(0, [(records.PACKETS, first.conn_id, memoryview(b"one")),
+                                       (records.PACKETS, second.conn_id, memoryview(b"two"))])
+            assert (broken.written, broken.closed, first._replies) == ([], True, [])
+            assert working.written == [b"two"]
+            assert f"connection {first.conn_id:x}: replies could not be written" in caplog.text
+            caplog.clear()
+        finally:
+            side.close()

@@ -32,8 +32,10 @@ async def test_full_ring_pushes_back_and_loses_nothing() -> None:
 
 
 async def test_client_that_reads_late_gets_every_reply() -> None:
-    """12 MB of replies, far above socket buffers: the client is paused, not dropped."""
-    with ServerProcess(settings={"server": {"max_packet_size": 8192}}) as server:
+    """12 MB of replies, far above socket buffers: the client is paused, not dropped.
+    Through a 64 KiB ring, so a reply the transport kept as a view of the ring (rather
+    than a copy) would be overwritten before it is sent."""
+    with ServerProcess(settings={"server": {"max_packet_size": 8192}, "ring": {"size": 64 * 1024}}) as server:
         client = await Client.connect(*server.address)
         client._transport.pause_reading()
         bodies = [os.urandom(4000) for _ in range(3000)]

@@ -911,8 +911,9 @@ def test_c_and_python_senders_agree(ops):
                                 pair.writer.records_written, pair.writer._words[8], list(loop.readers) != []))
             assert answers[: len(answers) // 2] == answers[len(answers) // 2 :], op
         assert taken[0] == taken[1]
-        for loop in loops:
-            loop.run_soon()  # what was scheduled held the senders: now nothing does
+        for sender, loop in zip(senders, loops, strict=True):
+            loop.run_soon()  # what was scheduled held the senders
+            sender._stop_waiting()  # so does a waiting sender's reader callback: now nothing does
         assert [sys.getrefcount(sender) for sender in senders] == references
     finally:
         for sender, pair in zip(senders, pairs, strict=True):

@@ -14,10 +14,13 @@
 #include <Python.h>
 #include <structmember.h>
 #include <stdint.h>
+#include <errno.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
 
 /* What aserver/native.py expects: raise it whenever a call's signature or meaning
    changes, so a stale build is not used. */
-#define CONN_CORE_ABI 1
+#define CONN_CORE_ABI 2
 
 typedef struct {
     PyObject_HEAD
@@ -26,6 +29,8 @@ typedef struct {
     char progress;           /* a packet completed since the sweeper last looked */
     char closed, eof_sent, close_when_answered;
     char big_endian;
+    char handed_over;        /* replies went to the transport: they may still be in its buffer */
+    int fd;                  /* the socket, written directly while the transport holds nothing; -1: never */
     int worker;              /* the connection's worker (pinned routing) */
     unsigned long long conn_id;
     Py_ssize_t outstanding;  /* requests sent to workers and not answered yet */
@@ -43,7 +48,7 @@ static unsigned long packets_kind, close_kind, ack_shift, kind_mask;
 static Py_ssize_t header_size;
 static PyObject *s_receive, *s_sender, *s_max_payload, *s_records_sent, *s_send, *s_ring_full,
     *s_requests, *s_replies_to_closed, *s_append, *s_popleft, *s_remaining, *s_close,
-    *s_is_closing, *s_write, *s_writelines, *s_get_write_buffer_size, *s_too_much_unread, *packets_obj;
+    *s_is_closing, *s_write, *s_get_write_buffer_size, *s_too_much_unread, *packets_obj;
 
 static PyTypeObject CoreType;
 
@@ -242,6 +247,112 @@ static PyObject *core_queue_reply(Core *self, PyObject *packets) {
     return PyBool_FromLong(first);
 }
 
+/* Up to this many replies go out in one sendmsg. */
+#define IOV_BATCH 64
+
+/* Writes what it can of `replies` straight to the socket; returns the bytes written (0
+   when the socket takes nothing now or has failed: the transport then meets the error
+   itself), or -1 with an exception. */
+static Py_ssize_t send_directly(int fd, PyObject *replies) {
+    Py_ssize_t count = PyList_GET_SIZE(replies), total = 0;
+    for (Py_ssize_t first = 0; first < count; first += IOV_BATCH) {
+        Py_buffer views[IOV_BATCH];
+        struct iovec iov[IOV_BATCH];
+        Py_ssize_t n = count - first < IOV_BATCH ? count - first : IOV_BATCH, pinned = 0, wanted = 0;
+        for (; pinned < n; pinned++) {
+            if (PyObject_GetBuffer(PyList_GET_ITEM(replies, first + pinned), &views[pinned], PyBUF_SIMPLE) < 0) break;
+            iov[pinned].iov_base = views[pinned].buf;
+            iov[pinned].iov_len = (size_t)views[pinned].len;
+            wanted += views[pinned].len;
+        }
+        ssize_t sent = -1;
+        if (pinned == n) {
+            struct msghdr msg = {.msg_iov = iov, .msg_iovlen = (size_t)n};
+            do sent = sendmsg(fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+            while (sent < 0 && errno == EINTR);
+        }
+        for (Py_ssize_t i = 0; i < pinned; i++) PyBuffer_Release(&views[i]);
+        if (pinned < n) return -1;
+        if (sent <= 0) return total;
+        total += sent;
+        if (sent < wanted) return total;
+    }
+    return total;
+}
+
+/* The replies after the first `skip` bytes, as one bytes object (the transport keeps
+   what it is given, and views into a ring must not outlive the batch). */
+static PyObject *rest_after(PyObject *replies, Py_ssize_t skip) {
+    Py_ssize_t count = PyList_GET_SIZE(replies), size = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        Py_ssize_t n = PyObject_Length(PyList_GET_ITEM(replies, i));
+        if (n < 0) return NULL;
+        size += n;
+    }
+    PyObject *rest = PyBytes_FromStringAndSize(NULL, size - skip);
+    if (rest == NULL) return NULL;
+    char *out = PyBytes_AS_STRING(rest);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        Py_buffer view;
+        if (PyObject_GetBuffer(PyList_GET_ITEM(replies, i), &view, PyBUF_SIMPLE) < 0) {
+            Py_DECREF(rest);
+            return NULL;
+        }
+        if (view.len > skip) {
+            memcpy(out, (char *)view.buf + skip, (size_t)(view.len - skip));
+            out += view.len - skip;
+            skip = 0;
+        } else {
+            skip -= view.len;
+        }
+        PyBuffer_Release(&view);
+    }
+    return rest;
+}
+
+/* The transport's write buffer size, or -1 with an exception. */
+static Py_ssize_t transport_backlog(PyObject *transport) {
+    PyObject *size = PyObject_CallMethodNoArgs(transport, s_get_write_buffer_size);
+    if (size == NULL) return -1;
+    Py_ssize_t backlog = PyLong_AsSsize_t(size);
+    Py_DECREF(size);
+    return backlog;
+}
+
+static int flush_to(Core *self, PyObject *transport, PyObject *replies) {
+    Py_ssize_t sent = 0;
+    if (self->fd >= 0 && self->handed_over) { /* direct again once the transport is empty */
+        Py_ssize_t backlog = transport_backlog(transport);
+        if (backlog < 0) return -1;
+        self->handed_over = backlog > 0;
+    }
+    if (self->fd >= 0 && !self->handed_over) {
+        sent = send_directly(self->fd, replies);
+        if (sent < 0) return -1;
+    }
+    PyObject *rest = rest_after(replies, sent);
+    if (rest == NULL) return -1;
+    if (PyBytes_GET_SIZE(rest) == 0) {
+        Py_DECREF(rest);
+        return 0;
+    }
+    PyObject *written = PyObject_CallMethodOneArg(transport, s_write, rest);
+    Py_DECREF(rest);
+    if (written == NULL) return -1;
+    Py_DECREF(written);
+    self->handed_over = 1;
+    Py_ssize_t backlog = transport_backlog(transport);
+    if (backlog < 0) return -1;
+    if (backlog > self->max_reply_backlog) {
+        PyObject *size = PyLong_FromSsize_t(backlog);
+        PyObject *r = size ? PyObject_CallMethodOneArg((PyObject *)self, s_too_much_unread, size) : NULL;
+        Py_XDECREF(size);
+        if (r == NULL) return -1;
+        Py_DECREF(r);
+    }
+    return 0;
+}
+
 static PyObject *core_flush_replies(Core *self, PyObject *unused) {
     PyObject *replies = self->replies;
     if (replies == NULL || !PyList_Check(replies) || PyList_GET_SIZE(replies) == 0) Py_RETURN_NONE;
@@ -249,7 +360,6 @@ static PyObject *core_flush_replies(Core *self, PyObject *unused) {
     if (fresh == NULL) return NULL;
     self->replies = fresh; /* `replies` is now our reference */
     PyObject *transport = self->transport;
-    PyObject *result = NULL;
     if (self->closed || self->eof_sent || transport == NULL || transport == Py_None) {
         Py_DECREF(replies); /* late replies (a stop that timed out) are dropped */
         Py_RETURN_NONE;
@@ -258,34 +368,12 @@ static PyObject *core_flush_replies(Core *self, PyObject *unused) {
     PyObject *closing = PyObject_CallMethodNoArgs(transport, s_is_closing);
     int is_closing = closing ? PyObject_IsTrue(closing) : -1;
     Py_XDECREF(closing);
-    if (is_closing != 0) {
-        if (is_closing == 1) result = Py_NewRef(Py_None);
-        goto done;
-    }
-    PyObject *written = PyList_GET_SIZE(replies) > 1
-                            ? PyObject_CallMethodOneArg(transport, s_writelines, replies)
-                            : PyObject_CallMethodOneArg(transport, s_write, PyList_GET_ITEM(replies, 0));
-    if (written == NULL) goto done;
-    Py_DECREF(written);
-    PyObject *size = PyObject_CallMethodNoArgs(transport, s_get_write_buffer_size);
-    if (size == NULL) goto done;
-    Py_ssize_t backlog = PyLong_AsSsize_t(size);
-    if (backlog == -1 && PyErr_Occurred()) {
-        Py_DECREF(size);
-        goto done;
-    }
-    if (backlog > self->max_reply_backlog) {
-        PyObject *r = PyObject_CallMethodOneArg((PyObject *)self, s_too_much_unread, size);
-        if (r != NULL) result = Py_NewRef(Py_None);
-        Py_XDECREF(r);
-    } else {
-        result = Py_NewRef(Py_None);
-    }
-    Py_DECREF(size);
-done:
+    /* A closing transport's socket may be closed already, and its number reused. */
+    int failed = is_closing < 0 || (is_closing == 0 && flush_to(self, transport, replies) < 0);
     Py_DECREF(transport);
     Py_DECREF(replies);
-    return result;
+    if (failed) return NULL;
+    Py_RETURN_NONE;
 }
 
 /* route_replies(connections, pending, stats, worker, batch): see conn_core.py. */
@@ -344,6 +432,12 @@ static PyObject *core_route_replies(PyObject *unused, PyObject *const *args, Py_
     Py_RETURN_NONE;
 }
 
+static PyObject *core_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    Core *self = (Core *)PyType_GenericNew(type, args, kwargs);
+    if (self != NULL) self->fd = -1; /* not 0: that is stdin */
+    return (PyObject *)self;
+}
+
 static int core_traverse(Core *self, visitproc visit, void *arg) {
     Py_VISIT(self->inflight);
     Py_VISIT(self->replies);
@@ -392,6 +486,8 @@ static PyMemberDef core_members[] = {
     {"close_when_answered", T_BOOL, offsetof(Core, close_when_answered), 0, NULL},
     {"big_endian", T_BOOL, offsetof(Core, big_endian), 0, NULL},
     {"worker", T_INT, offsetof(Core, worker), 0, NULL},
+    {"fd", T_INT, offsetof(Core, fd), 0, NULL},
+    {"handed_over", T_BOOL, offsetof(Core, handed_over), 0, NULL},
     {"conn_id", T_ULONGLONG, offsetof(Core, conn_id), 0, NULL},
     {"outstanding", T_PYSSIZET, offsetof(Core, outstanding), 0, NULL},
     {"max_packet_size", T_PYSSIZET, offsetof(Core, max_packet_size), 0, NULL},
@@ -409,7 +505,7 @@ static PyTypeObject CoreType = {
     .tp_basicsize = sizeof(Core),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "A connection's per-request steps (see aserver/conn/conn_core.py).",
-    .tp_new = PyType_GenericNew,
+    .tp_new = core_new,
     .tp_dealloc = (destructor)core_dealloc,
     .tp_traverse = (traverseproc)core_traverse,
     .tp_clear = (inquiry)core_clear,
@@ -469,7 +565,6 @@ static int intern_names(void) {
     NAME(s_close, "close");
     NAME(s_is_closing, "is_closing");
     NAME(s_write, "write");
-    NAME(s_writelines, "writelines");
     NAME(s_get_write_buffer_size, "get_write_buffer_size");
     NAME(s_too_much_unread, "too_much_unread");
 #undef NAME

@@ -53,8 +53,10 @@ class ClientProtocolBase(asyncio.Protocol):
         self.link: WorkerLink | None = None
         self._paused = 0
         self.blocking_links = 0  # bit per worker whose full ring paused our reads
-        self._replies: list[bytes] = []
+        self._replies: list[bytes | memoryview] = []
         self.transport: asyncio.Transport | None = None
+        self.fd = -1  # the socket, for replies written past the transport (see ConnCore)
+        self.handed_over = False  # replies went to the transport and may still be in its buffer
         self.conn_id = 0
         self.worker = 0
         self.closed = False
@@ -87,6 +89,10 @@ class ClientProtocolBase(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername") or ("?", 0)
         self.peer = (peer[0], peer[1])
+        # Replies are written to the socket directly while the transport holds nothing
+        # (ConnCore.flush_replies). Plain TCP only: a TLS transport would need fd = -1.
+        sock = transport.get_extra_info("socket")
+        self.fd = sock.fileno() if sock is not None else -1
         # Pause a client's reads well before its unread replies reach the hard limit.
         transport.set_write_buffer_limits(high=min(256 * 1024, self._server.max_reply_backlog // 4))  # type: ignore[attr-defined]
         self._server.accept(self)

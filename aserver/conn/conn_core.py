@@ -4,19 +4,20 @@ costs there.
 `ConnCore` is the base class of `ClientProtocol`: it counts the requests a worker has
 not answered yet (`sent`, `answered`) and queues and writes replies (`queue_reply`,
 `flush_replies`). `route_replies` hands a batch from a worker's reply ring to its
-connections. `_conn_core.c` has the same steps in C and one more: its `data_received`
+connections; its payloads are views of the ring, so `flush_replies` writes them to the
+socket itself (`fd`) and copies only what the socket does not take for the transport. `_conn_core.c` has the same steps in C and one more: its `data_received`
 frames a read and writes it into the worker's ring itself when nothing about it is
 unusual, and hands everything else to `ClientProtocol.receive`, the general path that
 this class's `data_received` always takes. This module is the C one's fallback and
 reference; the tests run both.
 
 The state these steps use lives in ClientProtocol's instance (set in
-ClientProtocolBase.__init__); in C
-it is the C type's fields, with the same names.
+ClientProtocolBase.__init__); in C it is the C type's fields, with the same names.
 """
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,10 @@ from aserver.ipc import records
 
 if TYPE_CHECKING:
     import asyncio
+
+
+# Up to this many replies go out in one system call.
+IOV_BATCH = 64
 
 
 class InFlight(msgspec.Struct, gc=False):
@@ -45,8 +50,10 @@ class ConnCore:
     eof_sent: bool
     close_when_answered: bool
     transport: asyncio.Transport | None
+    fd: int
+    handed_over: bool
     max_reply_backlog: int
-    _replies: list[bytes]
+    _replies: list[bytes | memoryview]
 
     def data_received(self, data: bytes) -> None:
         self.receive(data)  # type: ignore[attr-defined]
@@ -77,14 +84,26 @@ class ConnCore:
         return len(self._replies) == 1
 
     def flush_replies(self) -> None:
+        """Write the queued replies: straight to the socket while the transport holds
+        nothing (no copy, no transport bookkeeping), the rest through the transport as
+        one bytes object (it keeps what it is given; a reply may be a view into a ring)."""
         replies = self._replies
         if not replies:
             return
         self._replies = []
         transport = self.transport
+        # A closing transport's socket may be closed already, and its number reused.
         if self.closed or self.eof_sent or transport is None or transport.is_closing():
             return  # late replies (a stop that timed out) are dropped; the log says how many
-        transport.writelines(replies) if len(replies) > 1 else transport.write(replies[0])
+        if self.fd >= 0 and self.handed_over:
+            self.handed_over = transport.get_write_buffer_size() > 0
+        sent = 0
+        if self.fd >= 0 and not self.handed_over:
+            sent = send_directly(self.fd, replies)
+        if sent == sum(map(len, replies)):
+            return
+        transport.write(b"".join(replies)[sent:])
+        self.handed_over = True
         backlog = transport.get_write_buffer_size()
         if backlog > self.max_reply_backlog:
             self.too_much_unread(backlog)  # type: ignore[attr-defined]
@@ -111,3 +130,19 @@ class ConnCore:
                 conn.answered(worker, answered)
                 if conn.close_when_answered and not conn.outstanding:
                     conn.close()
+
+
+def send_directly(fd: int, replies: list[bytes | memoryview]) -> int:
+    """Write what the socket takes now; the bytes written (0 on an error: the transport
+    then meets it itself)."""
+    total = 0
+    for first in range(0, len(replies), IOV_BATCH):
+        chunk = replies[first : first + IOV_BATCH]
+        try:
+            sent = os.writev(fd, chunk)
+        except OSError:
+            return total
+        total += sent
+        if sent < sum(map(len, chunk)):
+            break
+    return total

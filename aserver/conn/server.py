@@ -34,7 +34,7 @@ class WorkerLink:
         self.index = index
         self._server = server
         self.sender = RingSender(writer, server.loop, self._on_room)
-        self.receiver = RingReceiver(reader, server.loop, self._on_replies)
+        self.receiver = RingReceiver(reader, server.loop, self._on_replies, in_place=True)
         # Connections paused because this link's ring was full.
         self.blocked: set[ClientProtocol] = set()
 
@@ -68,7 +68,7 @@ class WorkerLink:
             if not conn.blocking_links:
                 conn.resume(PAUSED_FOR_RING)
 
-    def _on_replies(self, batch: list[tuple[int, int, bytes]]) -> None:
+    def _on_replies(self, batch: list[tuple[int, int, bytes | memoryview]]) -> None:
         self._server.on_replies(self.index, batch)
 
 
@@ -274,17 +274,26 @@ class ConnServer:
 
     # Replies from workers --------------------------------------------------------------
 
-    def on_replies(self, worker: int, batch: list[tuple[int, int, bytes]]) -> None:
-        self.protocol.route_replies(self.connections, self._flush_pending, self.stats, worker, batch)
-        # A drained batch holds everything the worker published: write it now, one
-        # write per connection, rather than one loop iteration later.
-        self._flush()
+    def on_replies(self, worker: int, batch: list[tuple[int, int, bytes | memoryview]]) -> None:
+        """A batch from a worker's reply ring. Its payloads are views of the ring, valid
+        only until this returns, so every connection they went to is flushed here: what
+        its socket does not take now is copied for the transport."""
+        try:
+            self.protocol.route_replies(self.connections, self._flush_pending, self.stats, worker, batch)
+        finally:
+            self._flush()
 
     def _flush(self) -> None:
         self._flush_scheduled = False
         pending, self._flush_pending = self._flush_pending, []
         for conn in pending:
-            conn.flush_replies()
+            try:
+                conn.flush_replies()
+            except Exception:
+                # Never leave a view behind to be written after its ring space is reused.
+                log.exception("connection %x: replies could not be written: closing it", conn.conn_id)
+                conn._replies = []
+                conn.abort()
 
     # A worker was replaced ---------------------------------------------------------------
 

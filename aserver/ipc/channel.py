@@ -141,10 +141,11 @@ class RingReceiver:
     With `in_place`, payloads are read-only views of the ring instead of copies, and their
     space is freed only once `on_records` returns: it must not keep them (copy what it
     keeps), and a view must not be read after that. That saves a copy of every record
-    for a consumer that is done with each batch when it returns, as the worker is
-    (handlers get bytes). Not for the conn process: it keeps reply payloads until their
-    socket takes them. Either way the batch counts as taken (ring.py's records_read)
-    before `on_records` runs, so a consumer that dies in it never gets it replayed.
+    for a consumer that is done with each batch when it returns: the worker (handlers
+    get bytes) and the conn process (replies go to their sockets, and only what a socket
+    does not take at once is copied). Either way the batch counts as taken (ring.py's
+    records_read) before `on_records` runs, so a consumer that dies in it never gets it
+    replayed.
     """
 
     def __init__(
