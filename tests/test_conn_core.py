@@ -11,6 +11,7 @@ in flight, the counters, pauses, and the bytes and closes each transport sees.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import socket
 from itertools import count
@@ -310,7 +311,8 @@ def test_replies_go_straight_to_the_socket_and_the_rest_through_the_transport(c_
     """While the transport holds nothing, replies are written to the socket directly
     (reply views never reach the transport); what the socket does not take goes to the
     transport as one copy, and so does everything after it until the transport is empty.
-    A closing transport gets nothing, a failed socket leaves the error to the transport."""
+    A closing transport gets nothing, a failed socket leaves the error to the transport.
+    No reply's buffer stays pinned after its flush."""
     seen = []
     for protocol in (c_protocol, PythonProtocol):
         side = Side(protocol, ByteOrder.LITTLE)
@@ -322,39 +324,90 @@ def test_replies_go_straight_to_the_socket_and_the_rest_through_the_transport(c_
             conn.fd = ours.fileno()
             steps = []
 
-            def flush(*replies: bytes | memoryview, conn=conn, transport=transport, steps=steps, peer=peer) -> None:
+            def flush(*replies: bytes | bytearray | memoryview, conn=conn, transport=transport, steps=steps,
+                      peer=peer) -> tuple[bytes, list[bytes], bool]:
                 before = len(transport.written)
                 for reply in replies:
                     conn.queue_reply(reply)
                 conn.flush_replies()
+                for reply in replies:
+                    if isinstance(reply, bytearray):
+                        reply.extend(b"!")  # BufferError if a buffer of it was not released
                 steps.append((drain(peer), transport.written[before:], conn.handed_over))
+                return steps[-1]
 
-            flush(b"a" * 100, memoryview(b"b" * 50))  # all to the socket
+            flush(b"a" * 100, memoryview(b"b" * 50), bytearray(b"h" * 10))  # all to the socket
             many = [bytes([i]) * 10 for i in range(100)]  # more than one system call's worth
-            flush(*many)
-            assert steps[-1] == (b"".join(many), [], False)
+            assert flush(*many) == (b"".join(many), [], False)
             big = bytes(range(256)) * 4096  # 1 MiB: more than the socket takes
-            flush(b"c" * 10, memoryview(big))
-            took, (rest,), _ = steps[-1]
+            took, (rest,), _ = flush(b"c" * 10, memoryview(big))
             assert 10 < len(took) < len(big) and took + rest == b"c" * 10 + big
             transport.backlog = 5  # the transport still holds some: after it, in order
-            flush(b"d" * 10)
+            flush(b"d" * 10, bytearray(b"h" * 10))
             transport.backlog = 0  # it wrote everything: straight to the socket again
             flush(b"e" * 10)
+            parts = [bytes([i]) * 2048 for i in range(100)]  # the socket takes some of the first 64
+            took_parts, (rest_parts,), _ = flush(*parts[:50], bytearray(b"h" * 10), *parts[50:])
+            assert took_parts + rest_parts == b"".join(parts[:50]) + b"h" * 10 + b"".join(parts[50:])
+            assert 0 < len(took_parts) < 64 * 2048
+            transport.backlog = 0
             transport.closed = True  # closing: the socket may be gone already
             flush(b"f" * 10)
             transport.closed = False
             peer.close()  # the client is gone: the transport meets the error and closes
             flush(b"g" * 10)
             assert [(len(took), [len(w) for w in written], handed) for took, written, handed in steps] == [
-                (150, [], False), (1000, [], False), (len(took), [len(rest)], True), (0, [10], True), (10, [], False),
-                (0, [], False), (0, [10], True)]
+                (160, [], False), (1000, [], False), (len(took), [len(rest)], True), (0, [20], True),
+                (10, [], False), (len(took_parts), [len(rest_parts)], True), (0, [], True), (0, [10], True)]
             seen.append(steps)
         finally:
             ours.close()
             peer.close()
             side.close()
-    assert seen[0][0] == seen[1][0] and seen[0][2:] == seen[1][2:]
+    assert seen[0][0] == seen[1][0] and seen[0][3:5] == seen[1][3:5] and seen[0][6:] == seen[1][6:]
+
+
+def test_a_failed_flush_keeps_no_reply_queued(c_protocol) -> None:
+    for protocol in (c_protocol, PythonProtocol):
+        side = Side(protocol, ByteOrder.LITTLE)
+        try:
+            conn, transport = side.conns[0]
+
+            def fail() -> bool:
+                raise RuntimeError("transport broke")
+
+            transport.is_closing = fail
+            conn.queue_reply(memoryview(b"x" * 10))
+            with pytest.raises(RuntimeError, match="transport broke"):
+                conn.flush_replies()
+            assert conn._replies == []
+        finally:
+            side.close()
+
+
+def test_replies_reach_a_real_socket_past_the_transport(c_protocol) -> None:
+    """On the production loop (uvloop) a connection knows its socket, and a reply batch
+    goes there without passing through the transport."""
+    import uvloop
+
+    for protocol in (c_protocol, PythonProtocol):
+        side = Side(protocol, ByteOrder.LITTLE)
+        loop = uvloop.new_event_loop()
+        ours, peer = socket.socketpair()
+        try:
+            transport, conn = loop.run_until_complete(
+                loop.connect_accepted_socket(functools.partial(protocol, side.server), sock=ours))
+            assert conn.fd == transport.get_extra_info("socket").fileno() >= 0
+            side.server.on_replies(0, [(records.PACKETS, conn.conn_id, memoryview(b"reply"))])
+            assert (transport.get_write_buffer_size(), conn.handed_over) == (0, False)
+            peer.settimeout(5)
+            assert peer.recv(100) == b"reply"
+            transport.close()
+            loop.run_until_complete(asyncio.sleep(0))
+        finally:
+            peer.close()
+            loop.close()
+            side.close()
 
 
 def drain(sock: socket.socket) -> bytes:
@@ -387,6 +440,7 @@ def test_a_connection_whose_replies_cannot_be_written_is_closed_and_the_rest_sti
 
             broken.is_closing = fail
             side.server.on_replies(0, [(records.PACKETS, first.conn_id, memoryview(b"one")),
+                                       (records.CLOSE, first.conn_id, b""),  # close() flushes: it fails there
                                        (records.PACKETS, second.conn_id, memoryview(b"two"))])
             assert (broken.written, broken.closed, first._replies) == ([], True, [])
             assert working.written == [b"two"]

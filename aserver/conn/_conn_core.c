@@ -250,11 +250,14 @@ static PyObject *core_queue_reply(Core *self, PyObject *packets) {
 /* Up to this many replies go out in one sendmsg. */
 #define IOV_BATCH 64
 
-/* Writes what it can of `replies` straight to the socket; returns the bytes written (0
-   when the socket takes nothing now or has failed: the transport then meets the error
-   itself), or -1 with an exception. */
-static Py_ssize_t send_directly(int fd, PyObject *replies) {
-    Py_ssize_t count = PyList_GET_SIZE(replies), total = 0;
+/* Writes what it can of `replies` straight to the socket. Sets *sent to the bytes written
+   (0 when the socket takes nothing now or has failed: the transport then meets the error
+   itself) and *total to the bytes of all replies. -1 with an exception: not a buffer. */
+static int send_directly(int fd, PyObject *replies, Py_ssize_t *sent, Py_ssize_t *total) {
+    Py_ssize_t count = PyList_GET_SIZE(replies);
+    int writing = 1; /* until the socket takes less than it is given: no later chunk may
+                        then go out ahead of the rest of an earlier one */
+    *sent = *total = 0;
     for (Py_ssize_t first = 0; first < count; first += IOV_BATCH) {
         Py_buffer views[IOV_BATCH];
         struct iovec iov[IOV_BATCH];
@@ -265,47 +268,60 @@ static Py_ssize_t send_directly(int fd, PyObject *replies) {
             iov[pinned].iov_len = (size_t)views[pinned].len;
             wanted += views[pinned].len;
         }
-        ssize_t sent = -1;
-        if (pinned == n) {
+        ssize_t written = 0;
+        if (pinned == n && writing) {
             struct msghdr msg = {.msg_iov = iov, .msg_iovlen = (size_t)n};
-            do sent = sendmsg(fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
-            while (sent < 0 && errno == EINTR);
+            do written = sendmsg(fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+            while (written < 0 && errno == EINTR);
+            if (written < 0) written = 0;
+            writing = written == wanted;
+            *sent += written;
         }
         for (Py_ssize_t i = 0; i < pinned; i++) PyBuffer_Release(&views[i]);
         if (pinned < n) return -1;
-        if (sent <= 0) return total;
-        total += sent;
-        if (sent < wanted) return total;
+        *total += wanted;
+    }
+    return 0;
+}
+
+/* The bytes of all replies, or -1 with an exception. */
+static Py_ssize_t bytes_in(PyObject *replies) {
+    Py_ssize_t total = 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(replies); i++) {
+        Py_buffer view;
+        if (PyObject_GetBuffer(PyList_GET_ITEM(replies, i), &view, PyBUF_SIMPLE) < 0) return -1;
+        total += view.len;
+        PyBuffer_Release(&view);
     }
     return total;
 }
 
-/* The replies after the first `skip` bytes, as one bytes object (the transport keeps
-   what it is given, and views into a ring must not outlive the batch). */
-static PyObject *rest_after(PyObject *replies, Py_ssize_t skip) {
-    Py_ssize_t count = PyList_GET_SIZE(replies), size = 0;
-    for (Py_ssize_t i = 0; i < count; i++) {
-        Py_ssize_t n = PyObject_Length(PyList_GET_ITEM(replies, i));
-        if (n < 0) return NULL;
-        size += n;
-    }
-    PyObject *rest = PyBytes_FromStringAndSize(NULL, size - skip);
+/* The replies after the first `skip` of their `total` bytes, as one bytes object (the
+   transport keeps what it is given, and views into a ring must not outlive the batch). */
+static PyObject *rest_after(PyObject *replies, Py_ssize_t skip, Py_ssize_t total) {
+    PyObject *rest = PyBytes_FromStringAndSize(NULL, total - skip);
     if (rest == NULL) return NULL;
-    char *out = PyBytes_AS_STRING(rest);
-    for (Py_ssize_t i = 0; i < count; i++) {
+    char *out = PyBytes_AS_STRING(rest), *end = out + (total - skip);
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(replies); i++) {
         Py_buffer view;
         if (PyObject_GetBuffer(PyList_GET_ITEM(replies, i), &view, PyBUF_SIMPLE) < 0) {
             Py_DECREF(rest);
             return NULL;
         }
-        if (view.len > skip) {
-            memcpy(out, (char *)view.buf + skip, (size_t)(view.len - skip));
-            out += view.len - skip;
-            skip = 0;
-        } else {
-            skip -= view.len;
+        Py_ssize_t n = view.len - skip; /* this reply's bytes not written yet */
+        int grew = n > end - out;     /* bigger than when it was measured */
+        if (n > 0 && !grew) {
+            memcpy(out, (char *)view.buf + skip, (size_t)n);
+            out += n;
         }
+        skip = n < 0 ? -n : 0;
         PyBuffer_Release(&view);
+        if (grew) break;
+    }
+    if (out != end) {
+        Py_DECREF(rest);
+        PyErr_SetString(PyExc_RuntimeError, "a queued reply changed size before it was written");
+        return NULL;
     }
     return rest;
 }
@@ -320,22 +336,19 @@ static Py_ssize_t transport_backlog(PyObject *transport) {
 }
 
 static int flush_to(Core *self, PyObject *transport, PyObject *replies) {
-    Py_ssize_t sent = 0;
+    Py_ssize_t sent = 0, total = -1;
     if (self->fd >= 0 && self->handed_over) { /* direct again once the transport is empty */
         Py_ssize_t backlog = transport_backlog(transport);
         if (backlog < 0) return -1;
         self->handed_over = backlog > 0;
     }
     if (self->fd >= 0 && !self->handed_over) {
-        sent = send_directly(self->fd, replies);
-        if (sent < 0) return -1;
+        if (send_directly(self->fd, replies, &sent, &total) < 0) return -1;
+        if (sent == total) return 0;
     }
-    PyObject *rest = rest_after(replies, sent);
+    if (total < 0 && (total = bytes_in(replies)) < 0) return -1; /* not sent directly */
+    PyObject *rest = rest_after(replies, sent, total);
     if (rest == NULL) return -1;
-    if (PyBytes_GET_SIZE(rest) == 0) {
-        Py_DECREF(rest);
-        return 0;
-    }
     PyObject *written = PyObject_CallMethodOneArg(transport, s_write, rest);
     Py_DECREF(rest);
     if (written == NULL) return -1;

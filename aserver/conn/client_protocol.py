@@ -187,10 +187,20 @@ class ClientProtocolBase(asyncio.Protocol):
         else:
             self.transport.close()
 
+    def write_queued(self) -> None:
+        """flush_replies, or if that fails, say why and abort: queued replies may be views
+        of a reply ring that is reused once the batch is done, so none may stay queued."""
+        try:
+            self.flush_replies()  # type: ignore[attr-defined]
+        except Exception:
+            log.exception("connection %x: replies could not be written: closing it", self.conn_id)
+            self._replies = []
+            self.abort()
+
     def close(self) -> None:
         """Close after the replies already queued are written."""
         if self.transport is not None:
-            self.flush_replies()
+            self.write_queued()
             self.transport.close()
 
     def abort(self) -> None:

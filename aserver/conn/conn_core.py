@@ -5,11 +5,13 @@ costs there.
 not answered yet (`sent`, `answered`) and queues and writes replies (`queue_reply`,
 `flush_replies`). `route_replies` hands a batch from a worker's reply ring to its
 connections; its payloads are views of the ring, so `flush_replies` writes them to the
-socket itself (`fd`) and copies only what the socket does not take for the transport. `_conn_core.c` has the same steps in C and one more: its `data_received`
-frames a read and writes it into the worker's ring itself when nothing about it is
-unusual, and hands everything else to `ClientProtocol.receive`, the general path that
-this class's `data_received` always takes. This module is the C one's fallback and
-reference; the tests run both.
+socket itself (`fd`) and copies only what the socket does not take for the transport.
+
+`_conn_core.c` has the same steps in C and one more: its `data_received` frames a read
+and writes it into the worker's ring itself when nothing about it is unusual, and hands
+everything else to `ClientProtocol.receive`, the general path that this class's
+`data_received` always takes. This module is the C one's fallback and reference; the
+tests run both.
 
 The state these steps use lives in ClientProtocol's instance (set in
 ClientProtocolBase.__init__); in C it is the C type's fields, with the same names.
@@ -99,9 +101,9 @@ class ConnCore:
             self.handed_over = transport.get_write_buffer_size() > 0
         sent = 0
         if self.fd >= 0 and not self.handed_over:
-            sent = send_directly(self.fd, replies)
-        if sent == sum(map(len, replies)):
-            return
+            sent, total = send_directly(self.fd, replies)
+            if sent == total:
+                return
         transport.write(b"".join(replies)[sent:])
         self.handed_over = True
         backlog = transport.get_write_buffer_size()
@@ -132,17 +134,21 @@ class ConnCore:
                     conn.close()
 
 
-def send_directly(fd: int, replies: list[bytes | memoryview]) -> int:
-    """Write what the socket takes now; the bytes written (0 on an error: the transport
-    then meets it itself)."""
-    total = 0
+def send_directly(fd: int, replies: list[bytes | memoryview]) -> tuple[int, int]:
+    """Write what the socket takes now (it is non-blocking: the event loop made it so).
+    Returns the bytes written (0 on an error: the transport then meets it itself) and
+    the bytes of all replies."""
+    sent = total = 0
+    writing = True  # until the socket stops taking everything it is given
     for first in range(0, len(replies), IOV_BATCH):
         chunk = replies[first : first + IOV_BATCH]
-        try:
-            sent = os.writev(fd, chunk)
-        except OSError:
-            return total
-        total += sent
-        if sent < sum(map(len, chunk)):
-            break
-    return total
+        wanted = sum(memoryview(reply).nbytes for reply in chunk)
+        if writing:
+            try:
+                written = os.writev(fd, chunk)
+            except OSError:
+                written = 0
+            writing = written == wanted
+            sent += written
+        total += wanted
+    return sent, total

@@ -287,13 +287,7 @@ class ConnServer:
         self._flush_scheduled = False
         pending, self._flush_pending = self._flush_pending, []
         for conn in pending:
-            try:
-                conn.flush_replies()
-            except Exception:
-                # Never leave a view behind to be written after its ring space is reused.
-                log.exception("connection %x: replies could not be written: closing it", conn.conn_id)
-                conn._replies = []
-                conn.abort()
+            conn.write_queued()
 
     # A worker was replaced ---------------------------------------------------------------
 
