@@ -251,6 +251,23 @@ def test_c_and_python_conn_cores_agree(c_protocol, byte_order, script, answers, 
             side.close()
 
 
+def test_runs_that_wait_for_a_full_ring_pause_their_connection_and_are_counted(c_protocol) -> None:
+    codec = PacketCodec()
+    run = b"".join(codec.encode(1, b"x" * 4000, seq_num=i) for i in range(4))  # 16 KiB: a quarter of the ring
+    for protocol in (c_protocol, PythonProtocol):
+        side = Side(protocol, ByteOrder.LITTLE)
+        try:
+            conn, transport = side.conns[0]
+            for _ in range(6):  # four fill the ring, two wait
+                conn.data_received(run)
+            assert (transport.reading, side.server.stats["ring_full"]) == (False, 2), protocol
+            side.take()
+            side.server.links[0].sender._on_space()  # the worker made room: the waiting runs go in
+            assert (transport.reading, side.server.stats["ring_full"]) == (True, 2), protocol
+        finally:
+            side.close()
+
+
 def test_a_read_that_completes_a_cut_packet_is_not_framed_afresh(c_protocol) -> None:
     """A packet's body can look like whole packets: once a read has cut one short, the
     next read must complete it, not be framed from its first byte."""

@@ -187,20 +187,20 @@ class ClientProtocolBase(asyncio.Protocol):
         else:
             self.transport.close()
 
-    def write_queued(self) -> None:
-        """flush_replies, or if that fails, say why and abort: queued replies may be views
-        of a reply ring that is reused once the batch is done, so none may stay queued."""
-        try:
-            self.flush_replies()  # type: ignore[attr-defined]
-        except Exception:
-            log.exception("connection %x: replies could not be written: closing it", self.conn_id)
-            self._replies = []
-            self.abort()
+    def write_failed(self) -> None:
+        """flush_replies raised: say why and abort. Queued replies may be views of a reply
+        ring that is reused once the batch is done, so none may stay queued."""
+        log.exception("connection %x: replies could not be written: closing it", self.conn_id)
+        self._replies = []
+        self.abort()
 
     def close(self) -> None:
         """Close after the replies already queued are written."""
         if self.transport is not None:
-            self.write_queued()
+            try:
+                self.flush_replies()  # type: ignore[attr-defined]
+            except Exception:
+                self.write_failed()
             self.transport.close()
 
     def abort(self) -> None:

@@ -55,6 +55,7 @@ class WorkerLink:
         """conn's last run had to wait for room in this ring: read no more from it until
         there is room (ClientProtocol's C core calls this too)."""
         log.debug("ring to worker %d full: pausing connection %x", self.index, conn.conn_id)
+        self._server.stats["ring_full"] += 1  # runs that waited for room (backpressure, not loss)
         conn.blocking_links |= 1 << self.index
         conn.pause(PAUSED_FOR_RING)
         self.blocked.add(conn)
@@ -287,7 +288,10 @@ class ConnServer:
         self._flush_scheduled = False
         pending, self._flush_pending = self._flush_pending, []
         for conn in pending:
-            conn.write_queued()
+            try:
+                conn.flush_replies()
+            except Exception:
+                conn.write_failed()
 
     # A worker was replaced ---------------------------------------------------------------
 

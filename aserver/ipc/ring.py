@@ -18,9 +18,13 @@ space) may follow later, once the consumer is done with them (see RingReceiver i
 A record is a 16-byte header (payload length u32, kind u32, connection id u64) and its
 payload, padded to 8 bytes. A record never wraps: when it does not fit before the end, the
 producer writes a WRAP record (or, with under 16 bytes left, nothing) and starts again at 0.
-It also starts again at 0, the same way, once it is past `rewind_at` bytes and finds the
-ring empty: the front of the ring is still in the CPU caches, while walking on through
-megabytes of cold memory made each copy a cache miss (16 KiB bodies: half the path's time).
+It also starts again at 0, the same way, once it is past `rewind_at` bytes (half the ring)
+and finds the ring empty: the front of the ring is still in the CPU caches, while walking
+on through megabytes of cold memory made each copy a cache miss (16 KiB bodies: half the
+path's time). Not sooner: the skipped tail counts as used until the consumer passes the
+WRAP record, so the producer then has only the front to write in. Rewinding at 256 KiB
+left it a nearly full ring for a moment after each rewind: with 16 KiB bodies, one request
+in eight paused its connection for room.
 
 Wakeups: the producer writes a byte to the data pipe only when the consumer has said it is
 asleep; the consumer writes to the space pipe only when the producer has said it waits.
@@ -140,10 +144,6 @@ class _RingSide:
             pass
 
 
-# Past this offset an empty ring starts again at 0 (see the module docstring).
-REWIND_AT = 256 * 1024
-
-
 class RingWriter(WriterCore, _RingSide):
     """Producer end. `try_write` copies a record in; `publish` makes written records visible.
 
@@ -152,11 +152,12 @@ class RingWriter(WriterCore, _RingSide):
     """
 
     def __init__(
-        self, shm: shared_memory.SharedMemory, wake_fd: int, space_fd: int, rewind_at: int = REWIND_AT
+        self, shm: shared_memory.SharedMemory, wake_fd: int, space_fd: int, rewind_at: int | None = None
     ) -> None:
         WriterCore.__init__(self, shm)
         _RingSide.__init__(self, shm)
-        self.rewind_at = rewind_at
+        # Past this offset an empty ring starts again at 0 (see the module docstring).
+        self.rewind_at = self.capacity // 2 if rewind_at is None else rewind_at
         self.wake_fd = wake_fd  # data pipe, write end: wakes the consumer
         self.space_fd = space_fd  # space pipe, read end: the consumer says there is room
         self._write = self._words[_WRITE_POS]
