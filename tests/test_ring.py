@@ -172,7 +172,7 @@ def test_an_empty_ring_past_rewind_at_starts_again_at_the_front() -> None:
 
 
 def test_by_default_a_ring_starts_again_at_the_front_only_past_its_middle(make_ring):
-    """Until the consumer passes the WRAP record, a rewind leaves the producer only the
+    """Until the consumer releases the WRAP record, a rewind leaves the producer only the
     front of the ring: past the middle, that is at least half of it."""
     pair = make_ring(4096)
     w, r = pair.writer, pair.reader
@@ -186,11 +186,18 @@ def test_by_default_a_ring_starts_again_at_the_front_only_past_its_middle(make_r
         r.release()
         return (w._write - record_size(size)) % 4096
 
-    assert write_drained(1, 1000) == 0
-    assert write_drained(2, 1000) == 1016  # past a quarter: goes on
-    assert write_drained(3, 8) == 2032  # not yet past the middle
-    assert write_drained(4, 8) == 0  # past it, and empty: back to the front
-    assert w.fill() == 0
+    assert write_drained(1, 1008) == 0
+    assert write_drained(2, 1000) == 1024  # not past the middle: goes on
+    assert write_drained(3, 8) == 2040  # nor here
+    assert w.try_write(1, 4, bytes(8))  # past it (2064), and empty: back to the front
+    assert (w._write - record_size(8)) % 4096 == 0
+    # Until the reader releases the WRAP, the skipped tail counts as used: the front is
+    # all the room there is (2064 - 24 bytes: one more record of 1024, not two).
+    assert w.try_write(1, 5, bytes(1008)) and not w.try_write(1, 6, bytes(1008))
+    w.publish()
+    assert [c for _, c, _ in r.read_batch(10)] == [4, 5]
+    r.release()
+    assert w.try_write(1, 6, bytes(1008))
 
 
 def test_any_buffer_and_header_fields_kept(make_ring):
@@ -218,7 +225,7 @@ def test_read_batch_limit_and_unpublished_invisible(make_ring):
 
 
 def test_full_ring_refuses_without_corruption(make_ring):
-    pair = make_ring(4096)
+    pair = make_ring(4096, NO_REWIND)  # so the records after the drain wrap
     w, r = pair.writer, pair.reader
     written = []
     i = 0

@@ -302,6 +302,7 @@ static PyObject *rest_after(PyObject *replies, Py_ssize_t skip, Py_ssize_t total
     PyObject *rest = PyBytes_FromStringAndSize(NULL, total - skip);
     if (rest == NULL) return NULL;
     char *out = PyBytes_AS_STRING(rest), *end = out + (total - skip);
+    int grew = 0;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(replies); i++) {
         Py_buffer view;
         if (PyObject_GetBuffer(PyList_GET_ITEM(replies, i), &view, PyBUF_SIMPLE) < 0) {
@@ -309,7 +310,7 @@ static PyObject *rest_after(PyObject *replies, Py_ssize_t skip, Py_ssize_t total
             return NULL;
         }
         Py_ssize_t n = view.len - skip; /* this reply's bytes not written yet */
-        int grew = n > end - out;     /* bigger than when it was measured */
+        grew = n > end - out; /* bigger than when it was measured */
         if (n > 0 && !grew) {
             memcpy(out, (char *)view.buf + skip, (size_t)n);
             out += n;
@@ -318,7 +319,7 @@ static PyObject *rest_after(PyObject *replies, Py_ssize_t skip, Py_ssize_t total
         PyBuffer_Release(&view);
         if (grew) break;
     }
-    if (out != end) {
+    if (grew || out != end) {
         Py_DECREF(rest);
         PyErr_SetString(PyExc_RuntimeError, "a queued reply changed size before it was written");
         return NULL;

@@ -104,7 +104,7 @@ class ConnCore:
             sent, total = send_directly(self.fd, replies)
             if sent == total:
                 return
-        transport.write(b"".join(replies)[sent:])
+        transport.write(memoryview(b"".join(replies))[sent:])  # a view of our own copy
         self.handed_over = True
         backlog = transport.get_write_buffer_size()
         if backlog > self.max_reply_backlog:

@@ -21,8 +21,9 @@ producer writes a WRAP record (or, with under 16 bytes left, nothing) and starts
 It also starts again at 0, the same way, once it is past `rewind_at` bytes (half the ring)
 and finds the ring empty: the front of the ring is still in the CPU caches, while walking
 on through megabytes of cold memory made each copy a cache miss (16 KiB bodies: half the
-path's time). Not sooner: the skipped tail counts as used until the consumer passes the
-WRAP record, so the producer then has only the front to write in. Rewinding at 256 KiB
+path's time). Not sooner: the skipped tail counts as used until the consumer releases the
+WRAP record (after the batch it read it with), so the producer then has only the front to
+write in. Rewinding at 256 KiB
 left it a nearly full ring for a moment after each rewind: with 16 KiB bodies, one request
 in eight paused its connection for room.
 
