@@ -375,3 +375,31 @@ async def test_metrics_count_every_inline_request_and_reply():
     assert observed == {1: 2, 2: 1, 3: 1, 4: 1}
     assert all(counts[-1] >= 0 for counts in metrics.latency.values())
     assert metrics.replies == {1 << 32: 2, 2 << 32 | 7: 1, 4 << 32 | Status.HANDLER_ERROR: 1}
+
+
+async def test_a_known_series_is_counted_without_a_python_call_in_c():
+    """The C loop counts into the WorkerMetrics' dicts itself once a cmd's series exists;
+    only the first request of a cmd goes through WorkerMetrics (which picks its series)."""
+    calls = []
+
+    class Counting(WorkerMetrics):
+        def observe(self, cmd: int, seconds: float) -> None:
+            calls.append(("observe", cmd))
+            super().observe(cmd, seconds)
+
+        def reply(self, cmd: int, status: int) -> None:
+            calls.append(("reply", cmd))
+            super().reply(cmd, status)
+
+    app = App()
+    app.handler(1)(lambda request: request.body)
+    metrics = Counting()
+    d, sender = make(app, metrics=metrics)
+    d.on_records([(records.PACKETS, CONN_A, run((1, 1, b"a")))])
+    first_seconds = metrics.latency[1][-1]
+    d.on_records([(records.PACKETS, CONN_A, run((2, 1, b"b"), (3, 1, b"c")))])
+    d._flush()
+    assert [seq for seq, _, _ in replies_and_acks(sender, CONN_A)[0]] == [1, 2, 3]
+    assert calls == [("observe", 1), ("reply", 1)] * (1 if INLINE_LOOP[0] == "c" else 3)
+    assert (sum(metrics.latency[1][:-1]), metrics.replies) == (3, {1 << 32: 3})
+    assert metrics.latency[1][-1] > first_seconds  # the time of the other two was added

@@ -2,6 +2,8 @@
 what the test's own clients sent."""
 
 import asyncio
+import bisect
+import math
 import os
 import re
 import signal
@@ -247,3 +249,17 @@ def test_child_counters_keep_the_totals_of_dead_children() -> None:
     assert totals.stats["accepted"] == 6
     assert totals.replies[1, 0] == 1
     assert sum(totals.latency[1][:-1]) == 1
+
+
+def test_the_c_loop_puts_a_latency_in_the_bucket_the_metrics_do():
+    """The worker's C loop counts latencies itself: the same bucket as WorkerMetrics.observe
+    (bisect_left: a bound belongs to its own bucket), at and next to every bound."""
+    from aserver.worker import dispatcher
+
+    if dispatcher._c_inline is None:
+        pytest.skip("the C inline loop was not built here (no C compiler at install time)")
+    bucket = dispatcher._c_inline.latency_bucket
+    for bound in LATENCY_BUCKETS:
+        for seconds in (math.nextafter(bound, 0), bound, math.nextafter(bound, 1)):
+            assert bucket(seconds) == bisect.bisect_left(LATENCY_BUCKETS, seconds), seconds
+    assert (bucket(0.0), bucket(1e9)) == (0, len(LATENCY_BUCKETS))

@@ -11,6 +11,10 @@
  *     unusual = (seq, cmd, user, handler, result, exception), one of the last two None.
  * Python handles every unusual case (errors, Reply objects, closed connections, replies
  * too big) and calls run() again, so the C side has no policy of its own.
+ *
+ * With metrics, a request's latency and a reply are counted straight into the
+ * WorkerMetrics' dicts when its series is there already; a cmd's first request, or one
+ * counted under another series, goes through WorkerMetrics.observe/reply (aserver/metrics.py).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -20,9 +24,14 @@
 
 /* What aserver/native.py expects: raise it whenever a call's signature or meaning
    changes, so a stale build is not used. */
-#define INLINE_ABI 2
+#define INLINE_ABI 3
 
 #define HEADER_SIZE 18
+
+/* aserver.metrics.LATENCY_BUCKETS, read at import. */
+#define MAX_BOUNDS 64
+static double bounds[MAX_BOUNDS];
+static Py_ssize_t nbounds;
 
 typedef struct {
     PyObject_HEAD
@@ -33,6 +42,8 @@ typedef struct {
     PyObject *request_type;  /* aserver.app.Request */
     PyObject *cancelled;     /* asyncio.CancelledError */
     PyObject *metrics;       /* WorkerMetrics or None */
+    PyObject *latency;       /* its dicts (metrics.latency, metrics.replies), or NULL */
+    PyObject *replies;
     PyObject *closed_name;   /* "closed" */
     PyObject *id_name;       /* "id" */
     PyObject *observe_name;  /* "observe" */
@@ -70,6 +81,17 @@ static int runner_init(Runner *self, PyObject *args, PyObject *kwds) {
                                      &max_body, &metrics))
         return -1;
     Py_XSETREF(self->metrics, Py_NewRef(metrics));
+    Py_CLEAR(self->latency);
+    Py_CLEAR(self->replies);
+    if (metrics != Py_None) {
+        self->latency = PyObject_GetAttrString(metrics, "latency");
+        self->replies = PyObject_GetAttrString(metrics, "replies");
+        if (self->latency == NULL || self->replies == NULL) return -1;
+        if (!PyDict_CheckExact(self->latency) || !PyDict_CheckExact(self->replies)) {
+            PyErr_SetString(PyExc_TypeError, "metrics.latency and metrics.replies must be dicts");
+            return -1;
+        }
+    }
     Py_XSETREF(self->handlers, Py_NewRef(handlers));
     Py_XSETREF(self->fallback, Py_NewRef(fallback));
     Py_XSETREF(self->outbox, Py_NewRef(outbox));
@@ -94,6 +116,8 @@ static int runner_traverse(Runner *self, visitproc visit, void *arg) {
     Py_VISIT(self->request_type);
     Py_VISIT(self->cancelled);
     Py_VISIT(self->metrics);
+    Py_VISIT(self->latency);
+    Py_VISIT(self->replies);
     return 0;
 }
 
@@ -105,6 +129,8 @@ static int runner_clear(Runner *self) {
     Py_CLEAR(self->request_type);
     Py_CLEAR(self->cancelled);
     Py_CLEAR(self->metrics);
+    Py_CLEAR(self->latency);
+    Py_CLEAR(self->replies);
     Py_CLEAR(self->closed_name);
     Py_CLEAR(self->id_name);
     Py_CLEAR(self->observe_name);
@@ -169,6 +195,67 @@ static int record(Runner *self, PyObject *name, int cmd, PyObject *value) {
     if (result == NULL) return -1;
     Py_DECREF(result);
     return 0;
+}
+
+/* The latency bucket of `seconds`: bisect_left(LATENCY_BUCKETS, seconds), as metrics.py. */
+static Py_ssize_t bucket_of(double seconds) {
+    Py_ssize_t lo = 0, hi = nbounds;
+    while (lo < hi) {
+        Py_ssize_t mid = (lo + hi) / 2;
+        if (bounds[mid] < seconds) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
+
+/* list[index] += amount, for an int or a float item. */
+static int list_add(PyObject *list, Py_ssize_t index, PyObject *amount) {
+    PyObject *sum = PyNumber_Add(PyList_GET_ITEM(list, index), amount);
+    if (sum == NULL) return -1;
+    PyList_SetItem(list, index, sum); /* steals sum */
+    return 0;
+}
+
+static PyObject *one;
+
+/* metrics.observe(cmd, seconds), in C when cmd's histogram is there already. */
+static int observe(Runner *self, int cmd, double seconds) {
+    PyObject *key = PyLong_FromLong(cmd);
+    if (key == NULL) return -1;
+    PyObject *counts = PyDict_GetItemWithError(self->latency, key); /* borrowed */
+    Py_DECREF(key);
+    if (counts == NULL && PyErr_Occurred()) return -1;
+    if (counts == NULL || !PyList_CheckExact(counts) || PyList_GET_SIZE(counts) != nbounds + 2)
+        return record(self, self->observe_name, cmd, PyFloat_FromDouble(seconds));
+    PyObject *value = PyFloat_FromDouble(seconds);
+    if (value == NULL) return -1;
+    int failed = list_add(counts, bucket_of(seconds), one) < 0 || list_add(counts, nbounds + 1, value) < 0;
+    Py_DECREF(value);
+    return failed ? -1 : 0;
+}
+
+/* metrics.reply(cmd, 0), in C when that series is there already. */
+static int count_reply(Runner *self, int cmd) {
+    PyObject *key = PyLong_FromLongLong((long long)cmd << 32);
+    if (key == NULL) return -1;
+    PyObject *count = PyDict_GetItemWithError(self->replies, key); /* borrowed */
+    if (count == NULL) {
+        Py_DECREF(key);
+        if (PyErr_Occurred()) return -1;
+        return record(self, self->reply_name, cmd, PyLong_FromLong(0));
+    }
+    PyObject *sum = PyNumber_Add(count, one);
+    int failed = sum == NULL || PyDict_SetItem(self->replies, key, sum) < 0;
+    Py_XDECREF(sum);
+    Py_DECREF(key);
+    return failed ? -1 : 0;
+}
+
+/* _inline.latency_bucket(seconds): bucket_of, for the tests. */
+static PyObject *latency_bucket(PyObject *unused, PyObject *arg) {
+    double seconds = PyFloat_AsDouble(arg);
+    if (seconds == -1.0 && PyErr_Occurred()) return NULL;
+    return PyLong_FromSsize_t(bucket_of(seconds));
 }
 
 /* (pos, ran, unusual); steals `unusual`, which is NULL after a failed build (error set). */
@@ -247,7 +334,7 @@ static PyObject *runner_run(Runner *self, PyObject *const *args, Py_ssize_t narg
             double finished = now();
             PyObject *saved_type, *saved_value, *saved_traceback;
             PyErr_Fetch(&saved_type, &saved_value, &saved_traceback); /* the handler's, if it raised */
-            int failed = record(self, self->observe_name, cmd, PyFloat_FromDouble(finished - started));
+            int failed = observe(self, cmd, finished - started);
             started = finished;
             if (failed) {
                 Py_XDECREF(saved_type);
@@ -325,7 +412,7 @@ static PyObject *runner_run(Runner *self, PyObject *const *args, Py_ssize_t narg
         int sent = result != Py_None;
         Py_DECREF(result);
         int ack_failed = box_add(box, 1, 1) < 0;
-        if (!ack_failed && sent && timed) ack_failed = record(self, self->reply_name, cmd, PyLong_FromLong(0)) < 0;
+        if (!ack_failed && sent && timed) ack_failed = count_reply(self, cmd) < 0;
         Py_DECREF(box);
         if (ack_failed) goto done;
         ran += 1;
@@ -356,15 +443,42 @@ static PyTypeObject RunnerType = {
     .tp_methods = runner_methods,
 };
 
+static PyMethodDef module_functions[] = {
+    {"latency_bucket", (PyCFunction)latency_bucket, METH_O,
+     "The latency bucket the C loop counts `seconds` in (bisect_left on LATENCY_BUCKETS)."},
+    {NULL},
+};
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "aserver.worker._inline",
     .m_doc = "The worker's inline loop in C.",
     .m_size = -1,
+    .m_methods = module_functions,
 };
 
+/* The latency bounds from aserver.metrics, so both loops count alike. */
+static int take_bounds(void) {
+    PyObject *metrics = PyImport_ImportModule("aserver.metrics");
+    PyObject *tuple = metrics ? PyObject_GetAttrString(metrics, "LATENCY_BUCKETS") : NULL;
+    Py_XDECREF(metrics);
+    if (tuple == NULL) return -1;
+    PyObject *seq = PySequence_Fast(tuple, "LATENCY_BUCKETS must be a sequence");
+    Py_DECREF(tuple);
+    if (seq == NULL) return -1;
+    nbounds = PySequence_Fast_GET_SIZE(seq);
+    int failed = nbounds > MAX_BOUNDS;
+    if (failed) PyErr_SetString(PyExc_ValueError, "too many LATENCY_BUCKETS");
+    for (Py_ssize_t i = 0; !failed && i < nbounds; i++) {
+        bounds[i] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(seq, i));
+        failed = bounds[i] == -1.0 && PyErr_Occurred();
+    }
+    Py_DECREF(seq);
+    return failed ? -1 : 0;
+}
+
 PyMODINIT_FUNC PyInit__inline(void) {
-    if (PyType_Ready(&RunnerType) < 0) return NULL;
+    if (PyType_Ready(&RunnerType) < 0 || take_bounds() < 0 || (one = PyLong_FromLong(1)) == NULL) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
     Py_INCREF(&RunnerType);
