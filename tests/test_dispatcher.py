@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import functools
 import gc
+import time
 import warnings
 
 import msgspec
@@ -15,7 +16,7 @@ import pytest
 
 from aserver.app import App, Reply, Request, Status
 from aserver.ipc import records
-from aserver.metrics import WorkerMetrics
+from aserver.metrics import LATENCY_BUCKETS, WorkerMetrics
 from aserver.protocol import HEADER_SIZE, ByteOrder, PacketCodec
 from aserver.worker import dispatcher as dispatcher_module
 from aserver.worker.dispatcher import Dispatcher
@@ -392,14 +393,23 @@ async def test_a_known_series_is_counted_without_a_python_call_in_c():
             super().reply(cmd, status)
 
     app = App()
-    app.handler(1)(lambda request: request.body)
+
+    @app.handler(1)
+    def slow_echo(request):
+        time.sleep(0.002)  # past the 1 ms bound, so the bucket it lands in says something
+        return request.body
+
     metrics = Counting()
     d, sender = make(app, metrics=metrics)
     d.on_records([(records.PACKETS, CONN_A, run((1, 1, b"a")))])
     first_seconds = metrics.latency[1][-1]
+    started = time.perf_counter()  # the clock both loops read
     d.on_records([(records.PACKETS, CONN_A, run((2, 1, b"b"), (3, 1, b"c")))])
+    elapsed = time.perf_counter() - started
     d._flush()
     assert [seq for seq, _, _ in replies_and_acks(sender, CONN_A)[0]] == [1, 2, 3]
     assert calls == [("observe", 1), ("reply", 1)] * (1 if INLINE_LOOP[0] == "c" else 3)
-    assert (sum(metrics.latency[1][:-1]), metrics.replies) == (3, {1 << 32: 3})
-    assert metrics.latency[1][-1] > first_seconds  # the time of the other two was added
+    counts = metrics.latency[1]
+    assert (sum(counts[:-1]), metrics.replies) == (3, {1 << 32: 3})
+    assert sum(counts[: LATENCY_BUCKETS.index(0.001) + 1]) == 0 and counts[len(LATENCY_BUCKETS)] == 0
+    assert 0.004 <= counts[-1] - first_seconds <= elapsed  # the other two's time, and no more

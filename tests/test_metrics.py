@@ -263,3 +263,29 @@ def test_the_c_loop_puts_a_latency_in_the_bucket_the_metrics_do():
         for seconds in (math.nextafter(bound, 0), bound, math.nextafter(bound, 1)):
             assert bucket(seconds) == bisect.bisect_left(LATENCY_BUCKETS, seconds), seconds
     assert (bucket(0.0), bucket(1e9)) == (0, len(LATENCY_BUCKETS))
+
+
+def test_a_c_loop_given_unusable_metrics_keeps_the_ones_it_had():
+    """Re-initialising a runner with metrics it cannot count into raises and changes
+    nothing (it used to leave the runner half set up, and the next request crashed)."""
+    from types import SimpleNamespace
+
+    from aserver.app import Request
+    from aserver.protocol import PacketCodec
+    from aserver.worker import dispatcher
+
+    if dispatcher._c_inline is None:
+        pytest.skip("the C inline loop was not built here (no C compiler at install time)")
+    outbox: dict = {}
+    setup = dict(handlers={1: lambda request: request.body}, fallback=None, outbox=outbox,
+                 new_box=lambda conn_id: outbox.setdefault(conn_id, [0, 0]), request_type=Request,
+                 cancelled=asyncio.CancelledError, big_endian=False, max_body=1000)
+    metrics = WorkerMetrics()
+    runner = dispatcher._c_inline.InlineRunner(**setup, metrics=metrics)
+    with pytest.raises(AttributeError):
+        runner.__init__(**setup, metrics=object())
+    with pytest.raises(TypeError, match="must be dicts"):
+        runner.__init__(**setup, metrics=SimpleNamespace(latency=[], replies={}))
+    packets = PacketCodec().encode(1, b"x", seq_num=1) * 2
+    assert runner.run(SimpleNamespace(id=7, closed=False), packets, 0) == (len(packets), 2, None)
+    assert (sum(metrics.latency[1][:-1]), metrics.replies) == (2, {1 << 32: 2})

@@ -80,18 +80,21 @@ static int runner_init(Runner *self, PyObject *args, PyObject *kwds) {
                                      &PyDict_Type, &outbox, &new_box, &request_type, &cancelled, &big_endian,
                                      &max_body, &metrics))
         return -1;
-    Py_XSETREF(self->metrics, Py_NewRef(metrics));
-    Py_CLEAR(self->latency);
-    Py_CLEAR(self->replies);
+    PyObject *latency = NULL, *replies = NULL; /* checked before any field changes */
     if (metrics != Py_None) {
-        self->latency = PyObject_GetAttrString(metrics, "latency");
-        self->replies = PyObject_GetAttrString(metrics, "replies");
-        if (self->latency == NULL || self->replies == NULL) return -1;
-        if (!PyDict_CheckExact(self->latency) || !PyDict_CheckExact(self->replies)) {
+        latency = PyObject_GetAttrString(metrics, "latency");
+        replies = latency ? PyObject_GetAttrString(metrics, "replies") : NULL;
+        if (replies != NULL && (!PyDict_CheckExact(latency) || !PyDict_CheckExact(replies)))
             PyErr_SetString(PyExc_TypeError, "metrics.latency and metrics.replies must be dicts");
+        if (PyErr_Occurred()) {
+            Py_XDECREF(latency);
+            Py_XDECREF(replies);
             return -1;
         }
     }
+    Py_XSETREF(self->metrics, Py_NewRef(metrics));
+    Py_XSETREF(self->latency, latency);
+    Py_XSETREF(self->replies, replies);
     Py_XSETREF(self->handlers, Py_NewRef(handlers));
     Py_XSETREF(self->fallback, Py_NewRef(fallback));
     Py_XSETREF(self->outbox, Py_NewRef(outbox));
@@ -478,7 +481,16 @@ static int take_bounds(void) {
 }
 
 PyMODINIT_FUNC PyInit__inline(void) {
-    if (PyType_Ready(&RunnerType) < 0 || take_bounds() < 0 || (one = PyLong_FromLong(1)) == NULL) return NULL;
+    if (take_bounds() < 0) { /* an ImportError, so aserver.native falls back to Python */
+        PyObject *type, *value, *traceback;
+        PyErr_Fetch(&type, &value, &traceback);
+        PyErr_Format(PyExc_ImportError, "aserver.metrics.LATENCY_BUCKETS unusable in C: %S", value ? value : Py_None);
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(traceback);
+        return NULL;
+    }
+    if (PyType_Ready(&RunnerType) < 0 || (one = PyLong_FromLong(1)) == NULL) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
     Py_INCREF(&RunnerType);
