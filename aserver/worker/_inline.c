@@ -147,15 +147,21 @@ static void runner_dealloc(Runner *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* list[index] += amount (an int or a float). */
+static int list_add(PyObject *list, Py_ssize_t index, PyObject *amount) {
+    PyObject *sum = PyNumber_Add(PyList_GET_ITEM(list, index), amount);
+    if (sum == NULL) return -1;
+    PyList_SetItem(list, index, sum); /* steals sum */
+    return 0;
+}
+
 /* box[index] += amount */
 static int box_add(PyObject *box, Py_ssize_t index, Py_ssize_t amount) {
     PyObject *amount_obj = PyLong_FromSsize_t(amount);
     if (amount_obj == NULL) return -1;
-    PyObject *sum = PyNumber_Add(PyList_GET_ITEM(box, index), amount_obj);
+    int failed = list_add(box, index, amount_obj);
     Py_DECREF(amount_obj);
-    if (sum == NULL) return -1;
-    PyList_SetItem(box, index, sum); /* steals sum */
-    return 0;
+    return failed;
 }
 
 /* The connection's box (made by new_box if it has none yet): borrowed. */
@@ -209,14 +215,6 @@ static Py_ssize_t bucket_of(double seconds) {
         else hi = mid;
     }
     return lo;
-}
-
-/* list[index] += amount, for an int or a float item. */
-static int list_add(PyObject *list, Py_ssize_t index, PyObject *amount) {
-    PyObject *sum = PyNumber_Add(PyList_GET_ITEM(list, index), amount);
-    if (sum == NULL) return -1;
-    PyList_SetItem(list, index, sum); /* steals sum */
-    return 0;
 }
 
 static PyObject *one;
