@@ -20,10 +20,11 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from aserver.app import Status
 from aserver.conn import client_protocol, conn_core
 from aserver.conn.server import ConnServer
 from aserver.ipc import records
-from aserver.protocol import ByteOrder, PacketCodec
+from aserver.protocol import HEADER_SIZE, ByteOrder, PacketCodec, iter_packets
 from aserver.settings import from_dict
 from aserver.supervisor.child import open_consumer, open_producer
 from aserver.supervisor.rings import RingSet
@@ -36,6 +37,18 @@ MAX_REPLY_BACKLOG = 64 * 1024
 
 PythonProtocol = type("PythonClientProtocol", (conn_core.ConnCore, client_protocol.ClientProtocolBase), {})
 _names = count()
+
+
+def feed(conn, data: bytes) -> None:
+    """What the event loop does with bytes that arrive: read them into the buffer the
+    protocol gives (as many reads as that takes), then say how much came."""
+    while data:
+        buffer = conn.get_buffer(-1)
+        took = min(len(buffer), len(data))
+        buffer[:took] = data[:took]
+        del buffer  # the loop lets go of it before buffer_updated
+        conn.buffer_updated(took)
+        data = data[took:]
 
 
 class FakeTransport:
@@ -122,7 +135,8 @@ class Side:
                 assert len(sent) == sender.records_sent
                 for entry in queue:
                     kind, conn_id, payload = sent[entry.record]
-                    assert (kind, conn_id, bytes(payload)) == (records.PACKETS, conn.conn_id, bytes(entry.run))
+                    headers = conn_core.packet_headers(payload, len(entry.headers) // HEADER_SIZE, conn.big_endian)
+                    assert (kind, conn_id, headers) == (records.PACKETS, conn.conn_id, entry.headers)
 
     def state(self) -> dict:
         return {
@@ -134,7 +148,7 @@ class Side:
             "conns": [
                 {
                     "outstanding": conn.outstanding,
-                    "inflight": {worker: [(e.record, e.remaining, bytes(e.run)) for e in queue]
+                    "inflight": {worker: [(e.record, e.remaining, e.headers) for e in queue]
                                  for worker, queue in conn.inflight.items()},
                     "stage": conn.stage,
                     "partial": conn.partial,
@@ -224,7 +238,7 @@ def test_c_and_python_conn_cores_agree(c_protocol, byte_order, script, answers, 
         for step_index, (which, bodies, cuts, bad) in enumerate(script):
             for data in reads_of(codec, step_index, bodies, cuts, bad):
                 for side in sides:
-                    side.conns[which][0].data_received(data)
+                    feed(side.conns[which][0], data)
             if take_between:
                 for side in sides:
                     side.take(limit=2)
@@ -259,7 +273,7 @@ def test_runs_that_wait_for_a_full_ring_pause_their_connection_and_are_counted(c
         try:
             conn, transport = side.conns[0]
             for _ in range(6):  # four fill the ring, two wait
-                conn.data_received(run)
+                feed(conn, run)
             assert (transport.reading, side.server.stats["ring_full"]) == (False, 2), protocol
             side.take()
             side.server.links[0].sender._on_space()  # the worker made room: the waiting runs go in
@@ -278,8 +292,8 @@ def test_a_read_that_completes_a_cut_packet_is_not_framed_afresh(c_protocol) -> 
         side = Side(protocol, ByteOrder.LITTLE)
         try:
             conn = side.conns[0][0]
-            conn.data_received(outer[:18])  # the header only
-            conn.data_received(outer[18:])  # the body: exactly one valid packet
+            feed(conn, outer[:18])  # the header only
+            feed(conn, outer[18:])  # the body: exactly one valid packet
             side.take()
             assert [p for kind, _, p in side.taken[0] if kind == records.PACKETS] == [outer], protocol
             assert conn.outstanding == 1
@@ -287,12 +301,15 @@ def test_a_read_that_completes_a_cut_packet_is_not_framed_afresh(c_protocol) -> 
             side.close()
 
 
-def test_the_c_core_frames_a_clean_read_itself(c_protocol) -> None:
-    """The C core's shortcut is taken for a read of whole packets (else it would only ever
-    hand reads to the general path, and the comparison above could not tell)."""
+@pytest.mark.parametrize("core", ["c", "python"])
+def test_a_clean_read_goes_straight_into_the_ring(c_protocol, core) -> None:
+    """A read of whole packets lands in the pinned worker's ring and is committed there
+    (else every read would go through the general path, and the comparison above could
+    not tell); a read after a cut packet, or with no room in the ring, goes to the scratch
+    buffer and the general path."""
     general = []
 
-    class Counting(c_protocol):
+    class Counting(c_protocol if core == "c" else PythonProtocol):
         def receive(self, data: bytes) -> None:
             general.append(bytes(data))
             super().receive(data)
@@ -301,25 +318,33 @@ def test_the_c_core_frames_a_clean_read_itself(c_protocol) -> None:
     side = Side(Counting, ByteOrder.NETWORK)
     try:
         first, second = side.conns[0][0], side.conns[1][0]
+        room = first.get_buffer(-1)
+        assert room.obj is side.server.links[0].sender._writer._buf.obj and not room.readonly  # the ring itself
+        del room
         clean = codec.encode(1, b"a" * 100, seq_num=1) + codec.encode(2, b"", seq_num=2)
-        first.data_received(clean)
-        second.data_received(clean)
+        feed(first, clean)
+        feed(second, clean)
         third = side.conns[2][0]
-        third.data_received(clean)  # a third connection: worker 0 again
+        feed(third, clean)  # a third connection: worker 0 again
         assert general == []
         assert (first.outstanding, second.outstanding, side.server.stats["requests"]) == (2, 2, 6)
         assert (list(first.inflight), list(second.inflight), list(third.inflight)) == ([0], [1], [0])
         cut = codec.encode(3, b"b" * 50, seq_num=3)
-        first.data_received(cut[:30])  # cut short: the general path keeps the start
-        first.data_received(cut[30:])  # completes it: still the general path
+        feed(first, cut[:30])  # cut short: the general path keeps the start
+        assert first.get_buffer(-1) is first.scratch
+        feed(first, cut[30:])  # completes it: still the general path
         short = codec.length.pack(10) + b"x" * 6
-        second.data_received(short)  # a length below the header: the general path says why
+        feed(second, short)  # a length below the header: the general path says why
         assert general == [cut[:30], cut[30:], short]
         assert side.server.stats["protocol_errors"] == 1
         side.take()
         packets = [[(conn_id, p) for k, conn_id, p in taken if k == records.PACKETS] for taken in side.taken]
         assert packets == [[(first.conn_id, clean), (third.conn_id, clean), (first.conn_id, cut)],
                            [(second.conn_id, clean)]]
+        big = b"".join(codec.encode(1, b"x" * 4000, seq_num=i) for i in range(4))
+        while not side.server.links[0].sender.backlogged:
+            feed(third, big)
+        assert third.get_buffer(-1) is third.scratch  # runs wait for room: this one goes behind them
     finally:
         side.close()
 
@@ -463,5 +488,55 @@ def test_a_connection_whose_replies_cannot_be_written_is_closed_and_the_rest_sti
             assert working.written == [b"two"]
             assert f"connection {first.conn_id:x}: replies could not be written" in caplog.text
             caplog.clear()
+        finally:
+            side.close()
+
+
+def test_a_lost_worker_answers_what_it_took_and_its_replacement_gets_the_rest(c_protocol) -> None:
+    """Requests a dead worker had taken get WORKER_LOST (from the headers kept in flight:
+    the ring space may be reused already); the ones it never took, read straight into the
+    ring, through the general path, or waiting for room, go to its replacement, in order."""
+    codec = PacketCodec()
+    run = b"".join(codec.encode(1, b"x" * 4000, seq_num=100 + i) for i in range(4))  # a quarter of the ring
+    for protocol in (c_protocol, PythonProtocol):
+        side = Side(protocol, ByteOrder.LITTLE)
+        try:
+            (first, first_t), _, (third, third_t) = side.conns  # both on worker 0
+            taken = b"".join(codec.encode(1, b"t", seq_num=i, user_id=7) for i in (1, 2))
+            feed(first, taken)
+            sender = side.server.links[0].sender
+            sender.flush()
+            held = side.far_ends[0].read_batch(100, True)  # the worker takes them and dies
+            side.far_ends[0].mark_taken()
+            del held
+            second = codec.encode(2, b"b", seq_num=3)
+            feed(third, second)
+            cut = codec.encode(1, b"c", seq_num=4) + codec.encode(1, b"d" * 30, seq_num=5)
+            feed(first, cut[:30])  # one whole packet into the ring, the start of the next kept
+            feed(first, cut[30:])  # the rest: through the general path
+            for _ in range(5):
+                feed(third, run)  # the last ones wait for room
+            assert sender.backlogged and not third_t.reading
+            assert side.server.worker_gone(0) == 2
+            replies = list(iter_packets(b"".join(first_t.written), codec))
+            assert [(p.seq_num, p.cmd_id, p.status_code, p.user_id, p.body) for p in replies] == [
+                (1, 1, Status.WORKER_LOST, 7, b""), (2, 1, Status.WORKER_LOST, 7, b"")]
+            side.far_ends[0].close()
+            side.far_ends[0] = replacement = open_consumer(side.rings.for_worker(0)[0][0])
+            got = []
+            while True:
+                sender.flush()
+                batch = [(kind, conn_id, bytes(p)) for kind, conn_id, p in replacement.read_batch(1000)]
+                replacement.release()
+                if not batch and not sender.backlogged:
+                    break
+                got += batch
+                sender._on_space()
+            opened = sorted(conn_id for kind, conn_id, _ in got[:3] if kind == records.OPENED)
+            assert opened == sorted(conn.conn_id for conn, _ in side.conns)
+            packets = {conn.conn_id: b"".join(p for kind, conn_id, p in got if conn_id == conn.conn_id
+                                              and kind == records.PACKETS) for conn, _ in side.conns}
+            assert packets == {first.conn_id: cut, side.conns[1][0].conn_id: b"", third.conn_id: second + run * 5}
+            assert (first.outstanding, third.outstanding, third_t.reading) == (2, 21, True)
         finally:
             side.close()

@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from aserver.ipc import records, ring_core
 from aserver.ipc import ring as ring_module
-from aserver.ipc import ring_core
 from aserver.ipc.channel import RingReceiver, RingSender, RingSenderBase
 from aserver.ipc.ring import (
     DATA_OFFSET,
@@ -791,6 +791,10 @@ async def test_receiver_wakes_on_pipe_after_idle(make_ring):
         st.one_of(
             st.tuples(st.just("write"), st.integers(0, 120), st.integers(0, 2**32 - 1)),
             st.tuples(st.just("write"), st.integers(0, 1100), st.integers(0, 2**32 - 1)),
+            # reserve room for up to `size` bytes, fill `fill`, commit `commit` of them (if any
+            # room): a socket read straight into the ring
+            st.tuples(st.just("reserve"), st.integers(0, 1100), st.integers(0, 1100), st.integers(0, 1100),
+                      st.sampled_from([2, 2**32 - 1])),
             st.tuples(st.just("publish")),
             st.tuples(st.just("read"), st.integers(1, 8)),
             st.tuples(st.just("release")),
@@ -804,6 +808,8 @@ async def test_receiver_wakes_on_pipe_after_idle(make_ring):
 @example(  # kind 0xFFFFFFFF would read as a wrap marker: both refuse it
     capacity=512, rewind_at=64, ops=[("write", 57, 0), ("drain",), ("write", 0, 2**32 - 1), ("drain",), ("write", 0, 0)]
 )
+@example(capacity=512, rewind_at=NO_REWIND, ops=[("write", 300, 1), ("drain",), ("reserve", 100, 50, 40, 2),
+                                                 ("reserve", 100, 100, 101, 2), ("reserve", 0, 0, 0, 2**32 - 1)])
 def test_c_and_python_cores_agree(capacity, rewind_at, ops):
     """The C per-record steps (_ring_core.c) and the Python ones (ring_core.py) given the
     same operations: the same answers, positions and counts, and byte for byte the same
@@ -819,7 +825,7 @@ def test_c_and_python_cores_agree(capacity, rewind_at, ops):
     try:
         for serial, op in enumerate(ops):
             answers = []
-            for _shm, words, writer, reader in sides:
+            for shm, words, writer, reader in sides:
                 if op[0] == "write":
                     data = bytes(range(256)) * 5
                     payload = data[serial % 7 : serial % 7 + op[1]]
@@ -829,6 +835,16 @@ def test_c_and_python_cores_agree(capacity, rewind_at, ops):
                         payload = [payload[a:b] for a, b in itertools.pairwise(cuts)]  # up to ~90 parts
                     try:
                         answers.append(writer.try_write(op[2], serial, payload))
+                    except ValueError as exc:
+                        answers.append(str(exc))
+                elif op[0] == "reserve":
+                    _, size, fill, commit, kind = op
+                    try:
+                        at = writer.reserve(size)
+                        answers.append(at)
+                        if at >= 0:
+                            shm.buf[at : at + min(fill, size)] = bytes([serial % 256]) * min(fill, size)
+                        writer.commit(kind, serial, commit)
                     except ValueError as exc:
                         answers.append(str(exc))
                 elif op[0] == "read":
@@ -890,6 +906,7 @@ class RecordingLoop:
     ops=st.lists(
         st.one_of(
             st.tuples(st.just("send"), st.integers(0, 1100), st.integers(0, 3)),  # size, parts
+            st.tuples(st.just("reserve"), st.integers(0, 1100), st.integers(0, 1100)),  # size, committed
             st.tuples(st.just("tick")),  # the loop runs what send scheduled (the publish)
             st.tuples(st.just("drain")),  # the consumer takes everything; the sender retries
         ),
@@ -900,6 +917,7 @@ class RecordingLoop:
 @example(ops=[("send", 100, 0), ("send", 100, 1), ("tick",)])  # one publish per loop iteration
 @example(ops=[("send", 1000, 0)] * 5 + [("send", 10, 0), ("drain",), ("send", 10, 2)])  # full, queued, retried
 @example(ops=[("send", 1100, 0)])  # too big for one record: both raise
+@example(ops=[("reserve", 1000, 1000)] * 5 + [("reserve", 10, 10), ("drain",), ("reserve", 10, 5)])  # no room
 def test_c_and_python_senders_agree(ops):
     """RingSender.send on the C SenderCore and on ring_core.SenderCore: the same answers,
     records_sent, queue, publish scheduling and ring contents (early publish at 512 bytes
@@ -928,6 +946,16 @@ def test_c_and_python_senders_agree(ops):
                         payload = [payload[i::op[2] + 1] for i in range(op[2] + 1)]
                     try:
                         answers.append(sender.send(serial % 5, serial, payload))
+                    except ValueError as exc:
+                        answers.append(str(exc))
+                elif op[0] == "reserve":
+                    try:
+                        room = sender.reserve(op[1])
+                        answers.append(None if room is None else (len(room), room.readonly))
+                        if room is not None:
+                            room[: op[2]] = bytes([serial % 256]) * min(op[1], op[2])
+                            del room
+                            sender.commit(serial % 5, serial, min(op[1], op[2]))
                     except ValueError as exc:
                         answers.append(str(exc))
                 elif op[0] == "tick":
@@ -1011,3 +1039,32 @@ def test_a_stale_c_module_is_not_used(monkeypatch):
     assert native.native(module) is None
     monkeypatch.setitem(native.MODULES, module, (what, abi))
     assert (native.native(module) is None) == (ring_module._c_core is None)
+
+
+def test_unread_records_are_what_the_consumer_never_took(make_ring):
+    """After the consumer died, the producer gets copies of what it never took, in order:
+    records in the ring past the ones it took (even those it took and never released),
+    then the ones waiting for room. Read straight into the ring or copied in, the same."""
+    python_sender = type("PythonRingSender", (ring_core.SenderCore, RingSenderBase), {})
+    for sender_type in (RingSender, python_sender):
+        pair = make_ring(4096, rewind_at=NO_REWIND)
+        sender = sender_type(pair.writer, RecordingLoop(), lambda: None)
+        for i in range(2):
+            assert sender.send(records.PACKETS, i, bytes([i]) * 1000)
+        room = sender.reserve(1000)
+        room[:1000] = b"\x02" * 1000
+        del room
+        sender.commit(records.PACKETS, 2, 1000)
+        sender.flush()
+        taken = pair.reader.read_batch(1, True)  # the consumer takes the first and dies with it
+        pair.reader.mark_taken()
+        del taken
+        assert sender.send(records.CLOSED, 3, b"")
+        assert sender.send(records.PACKETS, 4, b"\x04" * 1000)
+        assert not sender.send(records.PACKETS, 5, b"\x05" * 1000)  # no room: it waits
+        assert sender.unread_records() == [(records.PACKETS, 1, b"\x01" * 1000), (records.PACKETS, 2, b"\x02" * 1000),
+                                           (records.CLOSED, 3, b""), (records.PACKETS, 4, b"\x04" * 1000),
+                                           (records.PACKETS, 5, b"\x05" * 1000)]
+        sender.discard_unread()
+        assert sender.unread_records() == []
+        sender._stop_waiting()

@@ -1,26 +1,25 @@
 /* A connection's per-request steps in the conn process, in C (see conn_core.py, the
- * Python twin and reference).
+ * Python twin, reference and description).
  *
- * ConnCore is the base class of ClientProtocol. Its fields are the connection's hot state,
- * readable and writable from Python under the same names. Its methods do what
- * conn_core.ConnCore's do, plus one shortcut: data_received frames a read itself and,
- * when it is nothing but complete packets for a pinned worker link (`link` set), counts
- * them, records them in flight and hands the run to the link's RingSender. Any other
- * read (a PROXY header, a packet cut short, a bad length, a run too big for one record,
- * no pinned link) goes to ClientProtocol.receive, the general path, so the C side has no
- * policy of its own.
+ * ConnCore is the base class of ClientProtocol, an asyncio BufferedProtocol. Its fields
+ * are the connection's hot state, readable and writable from Python under the same names.
+ * get_buffer hands the event loop room in the pinned worker's request ring, and
+ * buffer_updated commits the complete packets that arrived there as one record; any
+ * other read goes through the scratch buffer to ClientProtocol.receive, the general path,
+ * so the C side has no policy of its own.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
 #include <stdint.h>
+#include <string.h>
 #include <errno.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 
 /* What aserver/native.py expects: raise it whenever a call's signature or meaning
    changes, so a stale build is not used. */
-#define CONN_CORE_ABI 2
+#define CONN_CORE_ABI 3
 
 typedef struct {
     PyObject_HEAD
@@ -40,13 +39,18 @@ typedef struct {
     PyObject *transport;
     PyObject *link;          /* WorkerLink for the shortcut, or None */
     PyObject *stats;         /* the server's Counter */
+    PyObject *scratch;       /* the server's read buffer, for reads that do not go into a ring */
+    PyObject *reading;       /* the ring room (a memoryview) the current read goes to, or NULL */
 } Core;
+
+/* The most one socket read takes (conn_core.READ_SIZE). */
+static Py_ssize_t read_size;
 
 /* Taken from the Python modules at import, so the two sides share one definition. */
 static PyObject *InFlight, *Deque;
 static unsigned long packets_kind, close_kind, ack_shift, kind_mask;
 static Py_ssize_t header_size;
-static PyObject *s_receive, *s_sender, *s_max_payload, *s_records_sent, *s_send, *s_ring_full,
+static PyObject *s_receive, *s_sender, *s_max_payload, *s_records_sent, *s_reserve, *s_commit,
     *s_requests, *s_replies_to_closed, *s_append, *s_popleft, *s_remaining, *s_close,
     *s_is_closing, *s_write, *s_get_write_buffer_size, *s_too_much_unread, *packets_obj;
 
@@ -75,28 +79,54 @@ static int count_in(PyObject *stats, PyObject *key, Py_ssize_t n) {
     return failed;
 }
 
-static int sent_impl(Core *self, PyObject *worker, PyObject *record, Py_ssize_t count, PyObject *run) {
+/* The headers of the first `count` packets of run[:size], back to back (a new bytes). */
+static PyObject *packet_headers(const unsigned char *run, Py_ssize_t size, Py_ssize_t count, int big) {
+    if (count < 0 || count > size / header_size) {
+        return PyErr_Format(PyExc_ValueError, "run holds fewer than %zd packets", count);
+    }
+    PyObject *headers = PyBytes_FromStringAndSize(NULL, count * header_size);
+    if (headers == NULL) return NULL;
+    char *to = PyBytes_AS_STRING(headers);
+    Py_ssize_t pos = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        uint32_t length = size - pos >= 4 ? get_u32(run + pos, big) : 0;
+        if (length < header_size || (Py_ssize_t)length > size - pos) {
+            Py_DECREF(headers);
+            return PyErr_Format(PyExc_ValueError, "run holds fewer than %zd packets", count);
+        }
+        memcpy(to, run + pos, header_size);
+        to += header_size;
+        pos += length;
+    }
+    return headers;
+}
+
+static int sent_impl(Core *self, PyObject *worker, PyObject *record, Py_ssize_t count,
+                     const unsigned char *run, Py_ssize_t size) {
     if (self->inflight == NULL || !PyDict_Check(self->inflight)) {
         PyErr_SetString(PyExc_TypeError, "ConnCore.inflight must be a dict");
         return -1;
     }
+    PyObject *headers = packet_headers(run, size, count, self->big_endian);
+    if (headers == NULL) return -1;
     PyObject *queue = PyDict_GetItemWithError(self->inflight, worker); /* borrowed */
     if (queue == NULL) {
-        if (PyErr_Occurred()) return -1;
+        if (PyErr_Occurred()) goto fail;
         queue = PyObject_CallNoArgs(Deque);
-        if (queue == NULL) return -1;
+        if (queue == NULL) goto fail;
         int failed = PyDict_SetItem(self->inflight, worker, queue);
         Py_DECREF(queue); /* the dict holds it */
-        if (failed) return -1;
+        if (failed) goto fail;
     }
     Py_INCREF(queue);
     PyObject *remaining = PyLong_FromSsize_t(count);
     PyObject *entry = NULL;
     if (remaining != NULL) {
-        PyObject *args[3] = {record, remaining, run};
+        PyObject *args[3] = {record, remaining, headers};
         entry = PyObject_Vectorcall(InFlight, args, 3, NULL);
         Py_DECREF(remaining);
     }
+    Py_DECREF(headers);
     PyObject *appended = entry ? PyObject_CallMethodOneArg(queue, s_append, entry) : NULL;
     Py_XDECREF(entry);
     Py_DECREF(queue);
@@ -104,6 +134,9 @@ static int sent_impl(Core *self, PyObject *worker, PyObject *record, Py_ssize_t 
     Py_DECREF(appended);
     self->outstanding += count;
     return 0;
+fail:
+    Py_DECREF(headers);
+    return -1;
 }
 
 static int answered_impl(Core *self, PyObject *worker, Py_ssize_t count) {
@@ -164,59 +197,110 @@ static PyObject *receive(Core *self, PyObject *data) {
     return PyObject_CallMethodOneArg((PyObject *)self, s_receive, data);
 }
 
-/* The shortcut's second half: `data` is `count` complete packets for self->link. */
-static PyObject *forward(Core *self, PyObject *data, Py_ssize_t size, Py_ssize_t count) {
+static PyObject *scratch_buffer(Core *self) {
+    if (self->scratch == NULL) {
+        PyErr_SetString(PyExc_TypeError, "ConnCore.scratch must be a writable buffer");
+        return NULL;
+    }
+    return Py_NewRef(self->scratch);
+}
+
+/* get_buffer(sizehint): see conn_core.ConnCore.get_buffer. */
+static PyObject *core_get_buffer(Core *self, PyObject *Py_UNUSED(sizehint)) {
+    Py_CLEAR(self->reading);
+    if (self->stage || self->partial || self->link == NULL || self->link == Py_None) return scratch_buffer(self);
     PyObject *sender = PyObject_GetAttr(self->link, s_sender);
     if (sender == NULL) return NULL;
     PyObject *limit = PyObject_GetAttr(sender, s_max_payload);
     Py_ssize_t max_payload = limit ? PyLong_AsSsize_t(limit) : -1;
     Py_XDECREF(limit);
-    if (max_payload == -1 && PyErr_Occurred()) goto fail;
-    if (size > max_payload) { /* more than one record: receive() splits it */
-        Py_DECREF(sender);
-        return receive(self, data);
+    PyObject *room = NULL;
+    if (!(max_payload == -1 && PyErr_Occurred())) {
+        PyObject *want = PyLong_FromSsize_t(max_payload < read_size ? max_payload : read_size);
+        if (want != NULL) {
+            room = PyObject_CallMethodOneArg(sender, s_reserve, want);
+            Py_DECREF(want);
+        }
     }
-    self->progress = 1;
-    if (count_in(self->stats, s_requests, count) < 0) goto fail;
-    PyObject *worker = PyLong_FromLong(self->worker);
-    if (worker == NULL) goto fail;
-    PyObject *record = PyObject_GetAttr(sender, s_records_sent);
-    int failed = record == NULL || sent_impl(self, worker, record, count, data) < 0;
-    Py_DECREF(worker);
-    Py_XDECREF(record);
-    if (failed) goto fail;
-    PyObject *conn_id = PyLong_FromUnsignedLongLong(self->conn_id);
-    if (conn_id == NULL) goto fail;
-    PyObject *args[4] = {sender, packets_obj, conn_id, data};
-    PyObject *written = PyObject_VectorcallMethod(s_send, args, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-    Py_DECREF(conn_id);
     Py_DECREF(sender);
-    if (written == NULL) return NULL;
-    int queued = written == Py_False;
-    Py_DECREF(written);
-    if (queued && !self->closed) return PyObject_CallMethodOneArg(self->link, s_ring_full, (PyObject *)self);
-    Py_RETURN_NONE;
-fail:
-    Py_DECREF(sender);
-    return NULL;
+    if (room == NULL) return NULL;
+    if (room == Py_None) {
+        Py_DECREF(room);
+        return scratch_buffer(self);
+    }
+    self->reading = Py_NewRef(room);
+    return room;
 }
 
-static PyObject *core_data_received(Core *self, PyObject *data) {
-    if (self->stage || self->partial || self->link == NULL || self->link == Py_None) return receive(self, data);
+/* The bytes buf[start:end] to ClientProtocol.receive. */
+static int receive_copy(Core *self, const char *buf, Py_ssize_t start, Py_ssize_t end) {
+    PyObject *data = PyBytes_FromStringAndSize(buf + start, end - start);
+    if (data == NULL) return -1;
+    PyObject *r = receive(self, data);
+    Py_DECREF(data);
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 0;
+}
+
+/* Commit `count` complete packets, run[:end], read into the reserved room as one record. */
+static int commit_run(Core *self, const unsigned char *run, Py_ssize_t end, Py_ssize_t count) {
+    PyObject *sender = PyObject_GetAttr(self->link, s_sender);
+    if (sender == NULL) return -1;
+    self->progress = 1;
+    PyObject *worker = NULL, *record = NULL, *length = NULL, *conn_id = NULL, *done = NULL;
+    if (count_in(self->stats, s_requests, count) == 0 && (worker = PyLong_FromLong(self->worker)) != NULL &&
+        (record = PyObject_GetAttr(sender, s_records_sent)) != NULL &&
+        sent_impl(self, worker, record, count, run, end) == 0 && (length = PyLong_FromSsize_t(end)) != NULL &&
+        (conn_id = PyLong_FromUnsignedLongLong(self->conn_id)) != NULL) {
+        PyObject *args[4] = {sender, packets_obj, conn_id, length};
+        done = PyObject_VectorcallMethod(s_commit, args, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    }
+    Py_XDECREF(worker);
+    Py_XDECREF(record);
+    Py_XDECREF(length);
+    Py_XDECREF(conn_id);
+    Py_DECREF(sender);
+    Py_XDECREF(done);
+    return done == NULL ? -1 : 0;
+}
+
+/* buffer_updated(nbytes): see conn_core.ConnCore.buffer_updated. */
+static PyObject *core_buffer_updated(Core *self, PyObject *arg) {
+    Py_ssize_t nbytes = PyLong_AsSsize_t(arg);
+    if (nbytes == -1 && PyErr_Occurred()) return NULL;
+    PyObject *room = self->reading; /* our reference now */
+    self->reading = NULL;
+    PyObject *source = room ? room : self->scratch;
+    if (source == NULL) return scratch_buffer(self);
     Py_buffer view;
-    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) return NULL;
-    const unsigned char *p = view.buf;
-    Py_ssize_t size = view.len, end = 0, count = 0;
-    int big = self->big_endian;
-    while (size - end >= 4) {
-        uint32_t length = get_u32(p + end, big);
-        if (length < header_size || length > self->max_packet_size || size - end < (Py_ssize_t)length) break;
-        end += length;
-        count += 1;
+    if (PyObject_GetBuffer(source, &view, PyBUF_SIMPLE) < 0) {
+        Py_XDECREF(room);
+        return NULL;
+    }
+    int failed = 0;
+    if (nbytes < 0 || nbytes > view.len) {
+        PyErr_Format(PyExc_ValueError, "buffer_updated(%zd): the buffer holds %zd bytes", nbytes, view.len);
+        failed = 1;
+    } else if (room == NULL) {
+        failed = receive_copy(self, view.buf, 0, nbytes);
+    } else {
+        const unsigned char *p = view.buf;
+        Py_ssize_t end = 0, count = 0;
+        int big = self->big_endian;
+        while (nbytes - end >= 4) {
+            uint32_t length = get_u32(p + end, big);
+            if (length < header_size || length > self->max_packet_size || nbytes - end < (Py_ssize_t)length)
+                break; /* cut short or a bad length: receive() keeps the start or says why */
+            end += length;
+            count += 1;
+        }
+        if (count) failed = commit_run(self, p, end, count);
+        if (!failed && end < nbytes) failed = receive_copy(self, view.buf, end, nbytes);
     }
     PyBuffer_Release(&view);
-    if (count == 0 || end != size) return receive(self, data); /* cut short or a bad length */
-    return forward(self, data, size, count);
+    Py_XDECREF(room);
+    if (failed) return NULL;
+    Py_RETURN_NONE;
 }
 
 static PyObject *core_sent(Core *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -226,7 +310,11 @@ static PyObject *core_sent(Core *self, PyObject *const *args, Py_ssize_t nargs) 
     }
     Py_ssize_t count = PyLong_AsSsize_t(args[2]);
     if (count == -1 && PyErr_Occurred()) return NULL;
-    if (sent_impl(self, args[0], args[1], count, args[3]) < 0) return NULL;
+    Py_buffer run;
+    if (PyObject_GetBuffer(args[3], &run, PyBUF_SIMPLE) < 0) return NULL;
+    int failed = sent_impl(self, args[0], args[1], count, run.buf, run.len) < 0;
+    PyBuffer_Release(&run);
+    if (failed) return NULL;
     Py_RETURN_NONE;
 }
 
@@ -458,6 +546,8 @@ static int core_traverse(Core *self, visitproc visit, void *arg) {
     Py_VISIT(self->transport);
     Py_VISIT(self->link);
     Py_VISIT(self->stats);
+    Py_VISIT(self->scratch);
+    Py_VISIT(self->reading);
     return 0;
 }
 
@@ -467,6 +557,8 @@ static int core_clear(Core *self) {
     Py_CLEAR(self->transport);
     Py_CLEAR(self->link);
     Py_CLEAR(self->stats);
+    Py_CLEAR(self->scratch);
+    Py_CLEAR(self->reading);
     return 0;
 }
 
@@ -477,8 +569,10 @@ static void core_dealloc(Core *self) {
 }
 
 static PyMethodDef core_methods[] = {
-    {"data_received", (PyCFunction)core_data_received, METH_O,
-     "A read: complete packets for a pinned link go straight to its ring; the rest to receive()."},
+    {"get_buffer", (PyCFunction)core_get_buffer, METH_O,
+     "Where the next read goes: room in the pinned worker's ring, or the scratch buffer."},
+    {"buffer_updated", (PyCFunction)core_buffer_updated, METH_O,
+     "A read arrived: its complete packets in the ring become a record; the rest goes to receive()."},
     {"sent", (PyCFunction)(void (*)(void))core_sent, METH_FASTCALL,
      "sent(worker, record, count, run): count requests went to worker as ring record `record`."},
     {"answered", (PyCFunction)(void (*)(void))core_answered, METH_FASTCALL,
@@ -511,6 +605,8 @@ static PyMemberDef core_members[] = {
     {"transport", T_OBJECT, offsetof(Core, transport), 0, NULL},
     {"link", T_OBJECT, offsetof(Core, link), 0, NULL},
     {"stats", T_OBJECT, offsetof(Core, stats), 0, NULL},
+    {"scratch", T_OBJECT, offsetof(Core, scratch), 0, NULL},
+    {"reading", T_OBJECT, offsetof(Core, reading), 0, NULL},
     {NULL},
 };
 
@@ -547,15 +643,16 @@ static int take_shared(void) {
     PyObject *records = PyImport_ImportModule("aserver.ipc.records");
     PyObject *header = PyImport_ImportModule("aserver.protocol.header");
     PyObject *collections = PyImport_ImportModule("collections");
-    unsigned long size = 0;
+    unsigned long size = 0, most = 0;
     int failed = conn_core == NULL || records == NULL || header == NULL || collections == NULL ||
                  (InFlight = PyObject_GetAttrString(conn_core, "InFlight")) == NULL ||
                  (Deque = PyObject_GetAttrString(collections, "deque")) == NULL ||
                  constant(records, "PACKETS", &packets_kind) < 0 || constant(records, "CLOSE", &close_kind) < 0 ||
                  constant(records, "ACK_SHIFT", &ack_shift) < 0 || constant(records, "KIND_MASK", &kind_mask) < 0 ||
-                 constant(header, "HEADER_SIZE", &size) < 0 ||
+                 constant(header, "HEADER_SIZE", &size) < 0 || constant(conn_core, "READ_SIZE", &most) < 0 ||
                  (packets_obj = PyLong_FromUnsignedLong(packets_kind)) == NULL;
     header_size = (Py_ssize_t)size;
+    read_size = (Py_ssize_t)most;
     Py_XDECREF(conn_core);
     Py_XDECREF(records);
     Py_XDECREF(header);
@@ -569,8 +666,8 @@ static int intern_names(void) {
     NAME(s_sender, "sender");
     NAME(s_max_payload, "max_payload");
     NAME(s_records_sent, "records_sent");
-    NAME(s_send, "send");
-    NAME(s_ring_full, "ring_full");
+    NAME(s_reserve, "reserve");
+    NAME(s_commit, "commit");
     NAME(s_requests, "requests");
     NAME(s_replies_to_closed, "replies_to_closed");
     NAME(s_append, "append");

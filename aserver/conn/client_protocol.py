@@ -35,7 +35,7 @@ PROXY_HEADER = 1  # a PROXY protocol header is still expected
 DISCARDING = 2  # stopping or after a protocol error: read and thrown away
 
 
-class ClientProtocolBase(asyncio.Protocol):
+class ClientProtocolBase(asyncio.BufferedProtocol):
     """Everything about a connection but its per-request steps, which ClientProtocol
     takes from ConnCore (the C core when built)."""
 
@@ -47,6 +47,8 @@ class ClientProtocolBase(asyncio.Protocol):
         self.big_endian = server.codec.byte_order is ByteOrder.NETWORK
         self.max_reply_backlog = server.max_reply_backlog
         self.stats = server.stats
+        self.scratch = server.read_buffer  # shared: a read is framed before the next one starts
+        self.reading: memoryview | None = None  # ring room the current read goes to (ConnCore)
         self.partial = False  # the decoder holds the start of a packet
         # The worker link all requests go to (pinned routing, no in-conn handlers), once
         # admitted: the C core then sends a run itself. None: always through the server.
@@ -102,8 +104,8 @@ class ClientProtocolBase(asyncio.Protocol):
         self._proxy_parser = ProxyHeaderParser()
 
     def receive(self, data: bytes) -> None:
-        """A read: frame it and forward its complete packets (ConnCore.data_received
-        calls this for every read, the C core for every read it does not handle itself)."""
+        """Bytes that did not go straight into a ring (see ConnCore.buffer_updated):
+        frame them and forward their complete packets."""
         if self.stage:
             data = self._before_framing(data)
             if not data:

@@ -1,17 +1,25 @@
 """A connection's per-request steps in the conn process: what each read and each reply
 costs there.
 
-`ConnCore` is the base class of `ClientProtocol`: it counts the requests a worker has
-not answered yet (`sent`, `answered`) and queues and writes replies (`queue_reply`,
-`flush_replies`). `route_replies` hands a batch from a worker's reply ring to its
-connections; its payloads are views of the ring, so `flush_replies` writes them to the
-socket itself (`fd`) and copies only what the socket does not take for the transport.
+`ConnCore` is the base class of `ClientProtocol` (an asyncio BufferedProtocol). A read
+goes straight into the worker's request ring when it can: `get_buffer` hands the event
+loop room reserved in the ring of the connection's pinned worker link, and
+`buffer_updated` frames what arrived there and commits its complete packets as one record,
+so a request is never copied in this process. Every other read (no pinned link, a PROXY
+header, the rest of a cut packet, no room in the ring) lands in the server's scratch buffer
+and goes, as bytes, to `ClientProtocol.receive`, the general path; so does whatever
+follows a read's last complete packet.
 
-`_conn_core.c` has the same steps in C and one more: its `data_received` frames a read
-and writes it into the worker's ring itself when nothing about it is unusual, and hands
-everything else to `ClientProtocol.receive`, the general path that this class's
-`data_received` always takes. This module is the C one's fallback and reference; the
-tests run both.
+It also counts the requests a worker has not answered yet (`sent`, `answered`), keeping
+only their packet headers (for WORKER_LOST replies if the worker dies: the requests
+themselves are in the ring, and re-sent from there if it never took them), and queues
+and writes replies (`queue_reply`, `flush_replies`). `route_replies` hands a batch from
+a worker's reply ring to its connections; its payloads are views of the ring, so
+`flush_replies` writes them to the socket itself (`fd`) and copies only what the socket
+does not take for the transport.
+
+`_conn_core.c` has the same steps in C. This module is the C one's fallback and
+reference; the tests run both.
 
 The state these steps use lives in ClientProtocol's instance (set in
 ClientProtocolBase.__init__); in C it is the C type's fields, with the same names.
@@ -20,12 +28,14 @@ ClientProtocolBase.__init__); in C it is the C type's fields, with the same name
 from __future__ import annotations
 
 import os
+import struct
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from aserver.ipc import records
+from aserver.protocol import HEADER_SIZE
 
 if TYPE_CHECKING:
     import asyncio
@@ -33,6 +43,8 @@ if TYPE_CHECKING:
 
 # Up to this many replies go out in one system call.
 IOV_BATCH = 64
+# The most one socket read takes (the room asked of the ring, or the scratch buffer's size).
+READ_SIZE = 256 * 1024
 
 
 class InFlight(msgspec.Struct, gc=False):
@@ -42,7 +54,7 @@ class InFlight(msgspec.Struct, gc=False):
 
     record: int  # the ring record's sequence number
     remaining: int  # requests of the run the worker has not finished
-    run: bytes | bytearray | memoryview
+    headers: bytes  # each request's packet header, back to back
 
 
 class ConnCore:
@@ -56,16 +68,62 @@ class ConnCore:
     handed_over: bool
     max_reply_backlog: int
     _replies: list[bytes | memoryview]
+    stage: int
+    partial: bool
+    progress: bool
+    big_endian: bool
+    max_packet_size: int
+    link: Any
+    conn_id: int
+    worker: int
+    stats: dict[str, int]
+    scratch: memoryview  # the server's read buffer, for reads that do not go into a ring
+    reading: memoryview | None  # the ring room the current read goes to, if it does
 
-    def data_received(self, data: bytes) -> None:
-        self.receive(data)  # type: ignore[attr-defined]
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """Where the next read goes: room in the pinned worker's ring while we frame
+        packets and hold no cut packet, else the scratch buffer."""
+        link = self.link
+        if not (self.stage or self.partial or link is None):
+            sender = link.sender
+            room = sender.reserve(min(sender.max_payload, READ_SIZE))
+            if room is not None:
+                self.reading = room
+                return room
+        self.reading = None
+        return self.scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """`nbytes` arrived where get_buffer said: commit the complete packets read into
+        the ring as one record; anything else goes to receive() as bytes."""
+        room = self.reading
+        if room is None:
+            self.receive(bytes(self.scratch[:nbytes]))  # type: ignore[attr-defined]
+            return
+        self.reading = None
+        end = count = 0
+        length_of = ">I" if self.big_endian else "<I"
+        while nbytes - end >= 4:
+            (length,) = struct.unpack_from(length_of, room, end)
+            if length < HEADER_SIZE or length > self.max_packet_size or nbytes - end < length:
+                break  # cut short or a bad length: receive() keeps the start or says why
+            end += length
+            count += 1
+        if count:
+            sender = self.link.sender
+            self.progress = True
+            self.stats["requests"] += count
+            self.sent(self.worker, sender.records_sent, count, room[:end])
+            sender.commit(records.PACKETS, self.conn_id, end)
+        if end < nbytes:
+            self.receive(bytes(room[end:nbytes]))  # type: ignore[attr-defined]
 
     def sent(self, worker: int, record: int, count: int, run: bytes | bytearray | memoryview) -> None:
         """`count` requests in `run` went to `worker` as ring record number `record`."""
         queue = self.inflight.get(worker)
         if queue is None:
             queue = self.inflight[worker] = deque()
-        queue.append(InFlight(record, count, run))
+        queue.append(InFlight(record, count, packet_headers(run, count, self.big_endian)))
         self.outstanding += count
 
     def answered(self, worker: int, count: int) -> None:
@@ -132,6 +190,21 @@ class ConnCore:
                 conn.answered(worker, answered)
                 if conn.close_when_answered and not conn.outstanding:
                     conn.close()
+
+
+def packet_headers(run: bytes | bytearray | memoryview, count: int, big_endian: bool) -> bytes:
+    """The headers of the first `count` packets of `run`, back to back."""
+    length_of = ">I" if big_endian else "<I"
+    view = memoryview(run)
+    headers = bytearray()
+    pos = 0
+    for _ in range(count):
+        (length,) = struct.unpack_from(length_of, view, pos)
+        if length < HEADER_SIZE or pos + length > len(view):
+            raise ValueError(f"run holds fewer than {count} packets")
+        headers += view[pos : pos + HEADER_SIZE]
+        pos += length
+    return bytes(headers)
 
 
 def send_directly(fd: int, replies: list[bytes | memoryview]) -> tuple[int, int]:

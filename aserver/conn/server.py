@@ -12,6 +12,7 @@ import msgspec
 from aserver.app import ConnHandler, Status
 from aserver.conn.admission import Admission, Refusal, parse_networks
 from aserver.conn.client_protocol import PAUSED_FOR_RING, PAUSED_FOR_STOP, ClientProtocol
+from aserver.conn.conn_core import READ_SIZE
 from aserver.conn.in_conn import InConnAnswerer
 from aserver.conn.routing import ConnectionInfo, Router
 from aserver.conn.sweeper import Sweeper
@@ -19,7 +20,7 @@ from aserver.ipc import records
 from aserver.ipc.channel import RingReceiver, RingSender
 from aserver.ipc.records import CONN_INDEX_SHIFT
 from aserver.ipc.ring import RingReader, RingWriter
-from aserver.protocol import HEADER_SIZE, PacketCodec, count_packets, iter_packets, split_run
+from aserver.protocol import HEADER_SIZE, PacketCodec, count_packets, split_run
 from aserver.protocol.proxy_header import ProxyInfo, is_trusted
 from aserver.settings import Settings
 
@@ -109,6 +110,8 @@ class ConnServer:
         # Ids are never reused: conn index in the top byte, then the incarnation, then a
         # counter, so a late reply can never reach a newer connection on a reused fd.
         self._next_id = (index << CONN_INDEX_SHIFT) | ((incarnation & 0xFFFF) << 40)
+        # Where reads go that do not go straight into a ring (ConnCore.get_buffer).
+        self.read_buffer = memoryview(bytearray(READ_SIZE))
         self._flush_pending: list[ClientProtocol] = []
         self._flush_scheduled = False
         self._server: asyncio.base_events.Server | None = None
@@ -305,27 +308,24 @@ class ConnServer:
         link = self.links[index]
         link.receiver.drain_now()  # its last replies and acks come first
         taken = link.sender.records_taken()
+        unread = link.sender.unread_records()  # copies: the ring is reset below
         lost = 0
-        replay: list[tuple[ClientProtocol, list]] = []
         for conn in self.connections.values():
             queue = conn.inflight.pop(index, None)
             if not queue:
                 continue
             conn.outstanding -= sum(entry.remaining for entry in queue)
-            untaken = []
             for entry in queue:
                 if entry.record < taken:
                     lost += self._reply_lost(conn, entry)
-                else:
-                    untaken.append(entry)
-            replay.append((conn, untaken))
         link.sender.discard_unread()
         payloads = {conn_id: msgspec.msgpack.encode(conn.info.peer) for conn_id, conn in self.connections.items()}
         for conn_id, payload in payloads.items():
             link.send_event(records.OPENED, conn_id, payload)
-        for conn, entries in replay:
-            for entry in entries:
-                link.send_requests(conn, entry.run, entry.remaining)
+        for kind, conn_id, run in unread:
+            conn = self.connections.get(conn_id)
+            if kind == records.PACKETS and conn is not None:
+                link.send_requests(conn, run, count_packets(run, self.codec))
         if not link.sender.backlogged:
             link._on_room()  # paused on the old ring: read again (else when room appears)
         for conn in list(self.connections.values()):
@@ -338,14 +338,17 @@ class ConnServer:
         return lost
 
     def _reply_lost(self, conn: ClientProtocol, entry) -> int:
-        packets = list(iter_packets(entry.run, self.codec))[-entry.remaining :]
+        """WORKER_LOST for the requests of `entry` the worker had not answered."""
         header = self.codec.header
+        headers = entry.headers
+        first = len(headers) - entry.remaining * HEADER_SIZE
         replies = b"".join(
-            header.pack(HEADER_SIZE, p.seq_num, p.cmd_id, Status.WORKER_LOST, p.user_id) for p in packets
+            header.pack(HEADER_SIZE, seq_num, cmd_id, Status.WORKER_LOST, user_id)
+            for _length, seq_num, cmd_id, _status, user_id in header.iter_unpack(headers[first:])
         )
         if conn.queue_reply(replies):
             self._flush_pending.append(conn)
-        return len(packets)
+        return entry.remaining
 
     # Stopping ------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@
 
 /* What aserver/native.py expects: raise it whenever a call's signature or meaning
    changes, so a stale build is not used. */
-#define RING_CORE_ABI 3
+#define RING_CORE_ABI 4
 
 #define DATA_OFFSET 384
 #define HEADER_SIZE 16
@@ -47,6 +47,8 @@ typedef struct {
     unsigned long long records; /* writer: records_written; reader: _records_read */
     unsigned long long rewind_at;
     Py_ssize_t max_payload;
+    long long reserved;      /* writer: payload bytes reserve() found room for; -1: none */
+    unsigned long long skip; /* writer: the tail that reservation leaves (a WRAP), or 0 */
 } Core;
 
 static uint64_t load_word(const Core *self, int index) {
@@ -82,6 +84,7 @@ static int core_init(Core *self, PyObject *args, PyObject *Py_UNUSED(kwds)) {
         return -1;
     }
     self->base = self->view.buf;
+    self->reserved = -1;
     self->capacity = load_word(self, 0);
     if (self->capacity == 0 || self->capacity > (unsigned long long)self->view.len - DATA_OFFSET) {
         PyBuffer_Release(&self->view);
@@ -119,6 +122,69 @@ static int attached(const Core *self) {
     return 1;
 }
 
+/* Room for a record of up to `length` payload bytes (at most max_payload): the payload's
+   offset in the segment, or -1 when there is no room. Writes nothing; the room is ours
+   until the next write (see ring_core.WriterCore.reserve). */
+static long long reserve_room(Core *self, unsigned long long length) {
+    self->reserved = -1;
+    unsigned long long size = (HEADER_SIZE + length + 7) & ~7ull;
+    unsigned long long capacity = self->capacity;
+    unsigned long long write = self->position;
+    unsigned long long offset = write % capacity;
+    unsigned long long tail = capacity - offset;
+    unsigned long long need = size;
+    if (size > tail) {
+        need = tail + size;
+    } else if (offset >= self->rewind_at && size <= offset && load_word(self, WORD_READ_POS) == write) {
+        self->other = write; /* everything was consumed: back to the (cache-warm) front */
+        need = tail + size;
+    }
+    if (write - self->other > capacity || need > capacity - (write - self->other)) {
+        self->other = load_word(self, WORD_READ_POS);
+        if (write - self->other > capacity || need > capacity - (write - self->other)) return -1;
+    }
+    self->reserved = (long long)length;
+    self->skip = need - size;
+    return DATA_OFFSET + HEADER_SIZE + (long long)(self->skip ? 0 : offset);
+}
+
+/* Make the first `length` reserved payload bytes (already in place) a record. The caller
+   checked length <= reserved. */
+static void commit_record(Core *self, unsigned long long kind, unsigned long long conn_id, unsigned long long length) {
+    self->reserved = -1;
+    unsigned long long offset = self->position % self->capacity;
+    if (self->skip) {
+        if (self->skip >= HEADER_SIZE) {
+            RecordHeader wrap = {0, KIND_WRAP, 0};
+            memcpy(self->base + DATA_OFFSET + offset, &wrap, HEADER_SIZE);
+        }
+        offset = 0;
+    }
+    RecordHeader header = {(uint32_t)length, (uint32_t)kind, conn_id};
+    memcpy(self->base + DATA_OFFSET + offset, &header, HEADER_SIZE);
+    unsigned long long need = self->skip + ((HEADER_SIZE + length + 7) & ~7ull);
+    self->position += need;
+    self->unpublished += need; /* a skipped tail too: `unpublished` is ring space in use */
+    self->records += 1;
+}
+
+/* kind and conn_id of a record from Python ints; -1 with an exception set if unusable. */
+static int record_ids(PyObject *kind_obj, PyObject *conn_obj, unsigned long long *kind, unsigned long long *conn_id) {
+    *kind = PyLong_AsUnsignedLongLong(kind_obj);
+    if (*kind == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    if (*kind > 0xFFFFFFFFull) {
+        PyErr_SetString(PyExc_OverflowError, "record kind does not fit in 32 bits");
+        return -1;
+    }
+    if (*kind == KIND_WRAP) {
+        PyErr_SetString(PyExc_ValueError, "record kind 0xFFFFFFFF is the ring's wrap marker");
+        return -1;
+    }
+    *conn_id = PyLong_AsUnsignedLongLong(conn_obj);
+    if (*conn_id == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    return 0;
+}
+
 /* try_write(kind, conn_id, payload) -> bool. payload: a buffer, or a list of buffers
    copied in one after another (what b"".join would make, without making it). */
 #define MAX_PARTS 64
@@ -127,18 +193,8 @@ static PyObject *writer_try_write(Core *self, PyObject *const *args, Py_ssize_t 
         PyErr_SetString(PyExc_TypeError, "try_write(kind, conn_id, payload)");
         return NULL;
     }
-    unsigned long long kind = PyLong_AsUnsignedLongLong(args[0]);
-    if (kind == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
-    if (kind > 0xFFFFFFFFull) {
-        PyErr_SetString(PyExc_OverflowError, "record kind does not fit in 32 bits");
-        return NULL;
-    }
-    if (kind == KIND_WRAP) {
-        PyErr_SetString(PyExc_ValueError, "record kind 0xFFFFFFFF is the ring's wrap marker");
-        return NULL;
-    }
-    unsigned long long conn_id = PyLong_AsUnsignedLongLong(args[1]);
-    if (conn_id == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    unsigned long long kind, conn_id;
+    if (record_ids(args[0], args[1], &kind, &conn_id) < 0) return NULL;
     PyObject *source = args[2];
     PyObject *joined = NULL;
     if (PyList_CheckExact(source) && PyList_GET_SIZE(source) > MAX_PARTS) {
@@ -180,50 +236,59 @@ static PyObject *writer_try_write(Core *self, PyObject *const *args, Py_ssize_t 
         PyErr_Format(PyExc_ValueError, "record of %llu bytes exceeds ring limit %zd", length, self->max_payload);
         goto done;
     }
-    unsigned long long size = (HEADER_SIZE + length + 7) & ~7ull;
-    unsigned long long capacity = self->capacity;
-    unsigned long long write = self->position;
-    unsigned long long offset = write % capacity;
-    unsigned long long tail = capacity - offset;
-    unsigned long long need = size;
-    if (size > tail) {
-        need = tail + size;
-    } else if (offset >= self->rewind_at && size <= offset && load_word(self, WORD_READ_POS) == write) {
-        self->other = write; /* everything was consumed: back to the (cache-warm) front */
-        need = tail + size;
+    long long at = reserve_room(self, length);
+    if (at < 0) {
+        result = Py_NewRef(Py_False);
+        goto done;
     }
-    if (write - self->other > capacity || need > capacity - (write - self->other)) {
-        self->other = load_word(self, WORD_READ_POS);
-        if (write - self->other > capacity || need > capacity - (write - self->other)) {
-            result = Py_False;
-            Py_INCREF(result);
-            goto done;
-        }
-    }
-    if (need != size) {
-        if (tail >= HEADER_SIZE) {
-            RecordHeader wrap = {0, KIND_WRAP, 0};
-            memcpy(self->base + DATA_OFFSET + offset, &wrap, HEADER_SIZE);
-        }
-        offset = 0;
-    }
-    char *at = self->base + DATA_OFFSET + offset;
-    RecordHeader header = {(uint32_t)length, (uint32_t)kind, conn_id};
-    memcpy(at, &header, HEADER_SIZE);
-    at += HEADER_SIZE;
+    char *to = self->base + at;
     for (Py_ssize_t i = 0; i < count; i++) {
-        memcpy(at, parts[i].buf, parts[i].len);
-        at += parts[i].len;
+        memcpy(to, parts[i].buf, parts[i].len);
+        to += parts[i].len;
     }
-    self->position = write + need;
-    self->unpublished += need;
-    self->records += 1;
+    commit_record(self, kind, conn_id, length);
     result = Py_True;
     Py_INCREF(result);
 done:
     for (Py_ssize_t i = 0; i < count; i++) PyBuffer_Release(&parts[i]);
     Py_XDECREF(joined);
     return result;
+}
+
+/* reserve(length) -> int: see ring_core.WriterCore.reserve. */
+static PyObject *writer_reserve(Core *self, PyObject *arg) {
+    Py_ssize_t length = PyLong_AsSsize_t(arg);
+    if (length == -1 && PyErr_Occurred()) return NULL;
+    if (!attached(self)) return NULL;
+    if (length < 0 || length > self->max_payload) {
+        return PyErr_Format(PyExc_ValueError, "record of %zd bytes exceeds ring limit %zd", length, self->max_payload);
+    }
+    return PyLong_FromLongLong(reserve_room(self, (unsigned long long)length));
+}
+
+/* commit(kind, conn_id, length): see ring_core.WriterCore.commit. */
+static int commit_checked(Core *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "commit(kind, conn_id, length)");
+        return -1;
+    }
+    unsigned long long kind, conn_id;
+    if (record_ids(args[0], args[1], &kind, &conn_id) < 0) return -1;
+    Py_ssize_t length = PyLong_AsSsize_t(args[2]);
+    if (length == -1 && PyErr_Occurred()) return -1;
+    if (!attached(self)) return -1;
+    if (length < 0 || length > self->reserved) {
+        PyErr_Format(PyExc_ValueError, "commit of %zd bytes: %lld were reserved", length,
+                     self->reserved > 0 ? self->reserved : 0);
+        return -1;
+    }
+    commit_record(self, kind, conn_id, (unsigned long long)length);
+    return 0;
+}
+
+static PyObject *writer_commit(Core *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (commit_checked(self, args, nargs) < 0) return NULL;
+    Py_RETURN_NONE;
 }
 
 /* read_batch(limit, in_place=False) -> [(kind, conn_id, payload), ...]: payloads are
@@ -289,6 +354,10 @@ fail:
 static PyMethodDef writer_methods[] = {
     {"try_write", (PyCFunction)(void (*)(void))writer_try_write, METH_FASTCALL,
      "Copy one record in, or return False when there is no room (nothing written)."},
+    {"reserve", (PyCFunction)writer_reserve, METH_O,
+     "Room for a record of up to `length` payload bytes: the payload's offset in the segment, or -1."},
+    {"commit", (PyCFunction)(void (*)(void))writer_commit, METH_FASTCALL,
+     "Make the first `length` reserved payload bytes (written in place) a record."},
     {"detach", (PyCFunction)core_detach, METH_NOARGS, "Let go of the segment's buffer (before it is closed)."},
     {NULL},
 };
@@ -357,6 +426,29 @@ typedef struct {
 
 static PyObject *s_wait, *s_publish, *s_publish_later, *s_call_soon;
 
+/* A record was written: publish at the end of this loop iteration, or now once
+   early_publish_bytes are unpublished. A new reference, or NULL on error. */
+static PyObject *published_soon(Sender *self, PyObject *writer, PyObject *loop) {
+    if (((Core *)writer)->unpublished >= self->early_publish) return PyObject_CallMethodNoArgs(writer, s_publish);
+    if (self->publish_scheduled) return Py_NewRef(Py_None);
+    PyObject *later = PyObject_GetAttr((PyObject *)self, s_publish_later);
+    PyObject *r = later ? PyObject_CallMethodOneArg(loop, s_call_soon, later) : NULL;
+    Py_XDECREF(later);
+    if (r != NULL) self->publish_scheduled = 1; /* only once it is scheduled */
+    return r;
+}
+
+/* The sender's C writer and loop, with references of our own; 0 with an exception if unusable. */
+static int writer_and_loop(Sender *self, PyObject **writer, PyObject **loop) {
+    if (self->writer == NULL || !PyObject_TypeCheck(self->writer, &WriterCoreType) || self->loop == NULL) {
+        PyErr_SetString(PyExc_TypeError, "SenderCore needs _writer (a C WriterCore) and _loop");
+        return 0;
+    }
+    *writer = Py_NewRef(self->writer);
+    *loop = Py_NewRef(self->loop);
+    return 1;
+}
+
 static PyObject *sender_send(Sender *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "send(kind, conn_id, payload)");
@@ -374,29 +466,12 @@ static PyObject *sender_send(Sender *self, PyObject *const *args, Py_ssize_t nar
     Py_DECREF(overflow);
     if (waiting < 0) return NULL;
     if (waiting == 0) {
-        PyObject *writer = self->writer, *loop = self->loop;
-        if (writer == NULL || !PyObject_TypeCheck(writer, &WriterCoreType) || loop == NULL) {
-            PyErr_SetString(PyExc_TypeError, "SenderCore needs _writer (a C WriterCore) and _loop");
-            return NULL;
-        }
-        Py_INCREF(writer);
-        Py_INCREF(loop);
+        PyObject *writer, *loop;
+        if (!writer_and_loop(self, &writer, &loop)) return NULL;
         PyObject *written = writer_try_write((Core *)writer, args, 3);
         int ok = written == Py_True;
         Py_XDECREF(written);
-        PyObject *r = NULL;
-        if (ok) {
-            if (((Core *)writer)->unpublished >= self->early_publish) {
-                r = PyObject_CallMethodNoArgs(writer, s_publish);
-            } else if (!self->publish_scheduled) {
-                PyObject *later = PyObject_GetAttr((PyObject *)self, s_publish_later);
-                r = later ? PyObject_CallMethodOneArg(loop, s_call_soon, later) : NULL;
-                Py_XDECREF(later);
-                if (r != NULL) self->publish_scheduled = 1; /* only once it is scheduled */
-            } else {
-                r = Py_NewRef(Py_None);
-            }
-        }
+        PyObject *r = ok ? published_soon(self, writer, loop) : NULL;
         Py_DECREF(writer);
         Py_DECREF(loop);
         if (written == NULL) return NULL;
@@ -408,6 +483,48 @@ static PyObject *sender_send(Sender *self, PyObject *const *args, Py_ssize_t nar
     }
     PyObject *call[4] = {(PyObject *)self, args[0], args[1], args[2]};
     return PyObject_VectorcallMethod(s_wait, call, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+}
+
+/* reserve(length) -> writable memoryview | None: see ring_core.SenderCore.reserve. */
+static PyObject *sender_reserve(Sender *self, PyObject *arg) {
+    if (self->overflow == NULL) {
+        PyErr_SetString(PyExc_TypeError, "SenderCore needs _overflow");
+        return NULL;
+    }
+    PyObject *overflow = Py_NewRef(self->overflow);
+    Py_ssize_t waiting = PyObject_Length(overflow);
+    Py_DECREF(overflow);
+    if (waiting < 0) return NULL;
+    if (waiting) Py_RETURN_NONE;
+    if (self->writer == NULL || !PyObject_TypeCheck(self->writer, &WriterCoreType)) {
+        PyErr_SetString(PyExc_TypeError, "SenderCore needs _writer (a C WriterCore)");
+        return NULL;
+    }
+    Core *writer = (Core *)Py_NewRef(self->writer);
+    PyObject *result = NULL;
+    PyObject *at = writer_reserve(writer, arg);
+    if (at != NULL) {
+        long long offset = PyLong_AsLongLong(at);
+        Py_DECREF(at);
+        if (offset < 0) {
+            result = Py_NewRef(Py_None);
+        } else if (writer->base != NULL) {
+            /* A slice of the segment's own memoryview: the mapping cannot go while it lives. */
+            result = PySequence_GetSlice(writer->view.obj, (Py_ssize_t)offset, (Py_ssize_t)offset + writer->reserved);
+        }
+    }
+    Py_DECREF(writer);
+    return result;
+}
+
+/* commit(kind, conn_id, length): see ring_core.SenderCore.commit. */
+static PyObject *sender_commit(Sender *self, PyObject *const *args, Py_ssize_t nargs) {
+    PyObject *writer, *loop;
+    if (!writer_and_loop(self, &writer, &loop)) return NULL;
+    PyObject *r = commit_checked((Core *)writer, args, nargs) < 0 ? NULL : published_soon(self, writer, loop);
+    Py_DECREF(writer);
+    Py_DECREF(loop);
+    return r;
 }
 
 static int sender_traverse(Sender *self, visitproc visit, void *arg) {
@@ -433,6 +550,10 @@ static void sender_dealloc(Sender *self) {
 static PyMethodDef sender_methods[] = {
     {"send", (PyCFunction)(void (*)(void))sender_send, METH_FASTCALL,
      "Write one record and see that it is published, or queue it with _wait (see ring_core.SenderCore)."},
+    {"reserve", (PyCFunction)sender_reserve, METH_O,
+     "Room for a record of up to `length` payload bytes to fill in place, or None (see ring_core.SenderCore)."},
+    {"commit", (PyCFunction)(void (*)(void))sender_commit, METH_FASTCALL,
+     "Send the first `length` bytes of the reserved room as a record."},
     {NULL},
 };
 

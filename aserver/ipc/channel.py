@@ -56,6 +56,11 @@ class RingSenderBase:
     def records_taken(self) -> int:
         return self._writer.records_taken()
 
+    def unread_records(self) -> list[tuple[int, int, bytes | bytearray | memoryview]]:
+        """What the consumer never took, in order: records in the ring (copied), then the
+        ones waiting for room. Only while no consumer is attached (it died or retired)."""
+        return self._writer.unread_records() + list(self._overflow)
+
     def discard_unread(self) -> None:
         """The consumer is gone: forget the overflow and mark the ring consumed. The
         caller re-sends what the next consumer must see."""

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing import shared_memory
 
 from aserver.ipc import ring_core
@@ -98,22 +98,26 @@ def drain_pipe(fd: int) -> None:
         pass
 
 
-def count_records(buf: memoryview, capacity: int, read: int, write: int) -> int:
-    """Records between two positions (WRAP markers not counted)."""
-    count = 0
+def walk_records(buf: memoryview, capacity: int, read: int, write: int) -> Iterator[tuple[int, int, int, int]]:
+    """(kind, conn_id, payload offset in the segment, length) of each record between two
+    positions, WRAP markers left out."""
     while read < write:
         offset = read % capacity
         tail = capacity - offset
         if tail < RECORD_HEADER_SIZE:
             read += tail
             continue
-        length, kind, _ = RECORD_HEADER.unpack_from(buf, DATA_OFFSET + offset)
+        length, kind, conn_id = RECORD_HEADER.unpack_from(buf, DATA_OFFSET + offset)
         if kind == KIND_WRAP:
             read += tail
             continue
-        count += 1
+        yield kind, conn_id, DATA_OFFSET + offset + RECORD_HEADER_SIZE, length
         read += (RECORD_HEADER_SIZE + length + 7) & ~7
-    return count
+
+
+def count_records(buf: memoryview, capacity: int, read: int, write: int) -> int:
+    """Records between two positions (WRAP markers not counted)."""
+    return sum(1 for _ in walk_records(buf, capacity, read, write))
 
 
 class _RingSide:
@@ -201,6 +205,21 @@ class RingWriter(WriterCore, _RingSide):
     def records_taken(self) -> int:
         """How many records the consumer has taken (as it last published)."""
         return self._words[_RECORDS_READ]
+
+    def unread_records(self) -> list[tuple[int, int, bytes]]:
+        """Copies of the records the consumer has not taken, in order, as (kind, conn_id,
+        payload). Only while no consumer is attached (it died or retired)."""
+        words = self._words
+        read = words[_READ_POS]
+        # Records the consumer took but did not release yet sit before the untaken ones.
+        seq = self.records_written - count_records(self._buf, self.capacity, read, self._write)
+        taken = words[_RECORDS_READ]
+        unread = []
+        for kind, conn_id, at, length in walk_records(self._buf, self.capacity, read, self._write):
+            if seq >= taken:
+                unread.append((kind, conn_id, bytes(self._buf[at : at + length])))
+            seq += 1
+        return unread
 
     def discard_unread(self) -> None:
         """Mark everything in the ring as consumed. Only while no consumer is attached

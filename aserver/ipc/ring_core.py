@@ -49,6 +49,8 @@ class WriterCore(_Core):
         self._read = 0  # the consumer's position as we last read it
         self.unpublished = 0
         self.records_written = 0
+        self._reserved = -1  # payload bytes `reserve` found room for (-1: none)
+        self._skip = 0
 
     def try_write(
         self, kind: int, conn_id: int, payload: bytes | bytearray | memoryview | list[bytes | bytearray | memoryview]
@@ -60,8 +62,20 @@ class WriterCore(_Core):
         if type(payload) is list:
             payload = b"".join(payload)
         length = len(payload)
+        at = self.reserve(length)
+        if at < 0:
+            return False
+        self._seg_map[at : at + length] = payload
+        self.commit(kind, conn_id, length)
+        return True
+
+    def reserve(self, length: int) -> int:
+        """Find room for a record of up to `length` payload bytes. Returns the payload's
+        offset in the segment (fill it, then `commit`), or -1 when there is no room.
+        Nothing is written, and the room is ours only until the next write."""
         if length > self.max_payload:
             raise ValueError(f"record of {length} bytes exceeds ring limit {self.max_payload}")
+        self._reserved = -1
         size = (RECORD_HEADER_SIZE + length + 7) & ~7
         capacity = self.capacity
         write = self._write
@@ -77,19 +91,28 @@ class WriterCore(_Core):
         if need > capacity - (write - self._read):
             self._read = self._seg_words[WORD_READ_POS]
             if need > capacity - (write - self._read):
-                return False
-        if need != size:
-            if tail >= RECORD_HEADER_SIZE:
+                return -1
+        self._reserved = length
+        self._skip = need - size  # the tail left before going back to 0 (a WRAP), or 0
+        return DATA_OFFSET + RECORD_HEADER_SIZE + (0 if self._skip else offset)
+
+    def commit(self, kind: int, conn_id: int, length: int) -> None:
+        """Make the first `length` payload bytes of the room `reserve` found a record."""
+        if kind == KIND_WRAP:
+            raise ValueError("record kind 0xFFFFFFFF is the ring's wrap marker")
+        if not 0 <= length <= self._reserved:
+            raise ValueError(f"commit of {length} bytes: {max(self._reserved, 0)} were reserved")
+        self._reserved = -1
+        offset = self._write % self.capacity
+        if self._skip:
+            if self._skip >= RECORD_HEADER_SIZE:
                 RECORD_HEADER.pack_into(self._seg_buf, DATA_OFFSET + offset, 0, KIND_WRAP, 0)
             offset = 0
-        at = DATA_OFFSET + offset
-        RECORD_HEADER.pack_into(self._seg_buf, at, length, kind, conn_id)
-        at += RECORD_HEADER_SIZE
-        self._seg_map[at : at + length] = payload
-        self._write = write + need
+        RECORD_HEADER.pack_into(self._seg_buf, DATA_OFFSET + offset, length, kind, conn_id)
+        need = self._skip + ((RECORD_HEADER_SIZE + length + 7) & ~7)
+        self._write += need
         self.unpublished += need  # a skipped tail too: `unpublished` is ring space in use
         self.records_written += 1
-        return True
 
 
 class ReaderCore(_Core):
@@ -154,10 +177,30 @@ class SenderCore:
         (and returns False)."""
         writer = self._writer  # type: ignore[attr-defined]
         if not self._overflow and writer.try_write(kind, conn_id, payload):  # type: ignore[attr-defined]
-            if writer.unpublished >= self.early_publish_bytes:  # type: ignore[attr-defined]
-                writer.publish()
-            elif not self._publish_scheduled:  # type: ignore[has-type]
-                self._loop.call_soon(self._publish)  # type: ignore[attr-defined]
-                self._publish_scheduled = True
+            self._published_soon()
             return True
         return self._wait(kind, conn_id, payload)  # type: ignore[attr-defined]
+
+    def reserve(self, length: int) -> memoryview | None:
+        """Room in the ring for a record of up to `length` payload bytes, to be filled
+        in place (a socket read straight into the ring) and then `commit`ted; None when
+        records wait or there is no room (then `send` a copy, which queues it)."""
+        if self._overflow:  # type: ignore[attr-defined]
+            return None
+        writer = self._writer  # type: ignore[attr-defined]
+        at = writer.reserve(length)
+        return None if at < 0 else writer._buf[at : at + length]  # ring.RingWriter's segment
+
+    def commit(self, kind: int, conn_id: int, length: int) -> None:
+        """Send the first `length` bytes of the reserved room as a record."""
+        self._writer.commit(kind, conn_id, length)  # type: ignore[attr-defined]
+        self._published_soon()
+
+    def _published_soon(self) -> None:
+        """A record was written: publish it at the end of this loop iteration, or now
+        once `early_publish_bytes` are unpublished."""
+        if self._writer.unpublished >= self.early_publish_bytes:  # type: ignore[attr-defined]
+            self._writer.publish()  # type: ignore[attr-defined]
+        elif not self._publish_scheduled:  # type: ignore[has-type]
+            self._loop.call_soon(self._publish)  # type: ignore[attr-defined]
+            self._publish_scheduled = True
