@@ -29,15 +29,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from aserver.conn.client_protocol import ClientProtocol  # noqa: E402
-
-
-def deliver(protocol: ClientProtocol, data: bytes) -> None:
-    """One read, as uvloop does it for a BufferedProtocol (the copy stands in for the
-    kernel's)."""
-    buffer = protocol.get_buffer(-1)
-    buffer[: len(data)] = data
-    del buffer
-    protocol.buffer_updated(len(data))
 from aserver.conn.server import ConnServer  # noqa: E402
 from aserver.ipc.channel import RingReceiver, RingSender  # noqa: E402
 from aserver.metrics import WorkerMetrics  # noqa: E402
@@ -47,6 +38,18 @@ from aserver.supervisor.child import open_consumer, open_producer  # noqa: E402
 from aserver.supervisor.rings import RingSet  # noqa: E402
 from aserver.worker.dispatcher import Dispatcher  # noqa: E402
 from handlers.echo import app  # noqa: E402
+
+
+def deliver(protocol: ClientProtocol, data: bytes) -> None:
+    """What uvloop does with bytes that arrive for a BufferedProtocol: read them into the
+    buffer it gives (the copy stands in for the kernel's), as many reads as that takes."""
+    while data:
+        buffer = protocol.get_buffer(-1)
+        took = min(len(buffer), len(data))
+        buffer[:took] = data[:took]
+        del buffer
+        protocol.buffer_updated(took)
+        data = data[took:]
 
 
 class CountingTransport:

@@ -41,8 +41,11 @@ _names = count()
 
 def feed(conn, data: bytes) -> None:
     """What the event loop does with bytes that arrive: read them into the buffer the
-    protocol gives (as many reads as that takes), then say how much came."""
+    protocol gives (as many reads as that takes), then say how much came. Each read is
+    preceded by one that found nothing (uvloop asks for a buffer, reads EAGAIN, and lets
+    the buffer go without buffer_updated)."""
     while data:
+        conn.get_buffer(-1)
         buffer = conn.get_buffer(-1)
         took = min(len(buffer), len(data))
         buffer[:took] = data[:took]
@@ -502,13 +505,16 @@ def test_a_lost_worker_answers_what_it_took_and_its_replacement_gets_the_rest(c_
         side = Side(protocol, ByteOrder.LITTLE)
         try:
             (first, first_t), _, (third, third_t) = side.conns  # both on worker 0
-            taken = b"".join(codec.encode(1, b"t", seq_num=i, user_id=7) for i in (1, 2))
+            taken = b"".join(codec.encode(1, b"t", seq_num=i, user_id=7) for i in (1, 2, 3))
             feed(first, taken)
             sender = side.server.links[0].sender
             sender.flush()
-            held = side.far_ends[0].read_batch(100, True)  # the worker takes them and dies
+            held = side.far_ends[0].read_batch(100, True)  # the worker takes them,
             side.far_ends[0].mark_taken()
             del held
+            side.server.on_replies(0, [((1 << records.ACK_SHIFT) | records.PACKETS, first.conn_id, b"")])
+            late = protocol(side.server)  # (its OPENED record is never taken)
+            late.connection_made(FakeTransport(20_100))
             second = codec.encode(2, b"b", seq_num=3)
             feed(third, second)
             cut = codec.encode(1, b"c", seq_num=4) + codec.encode(1, b"d" * 30, seq_num=5)
@@ -517,10 +523,10 @@ def test_a_lost_worker_answers_what_it_took_and_its_replacement_gets_the_rest(c_
             for _ in range(5):
                 feed(third, run)  # the last ones wait for room
             assert sender.backlogged and not third_t.reading
-            assert side.server.worker_gone(0) == 2
+            assert side.server.worker_gone(0) == 2  # answers one, dies with two
             replies = list(iter_packets(b"".join(first_t.written), codec))
             assert [(p.seq_num, p.cmd_id, p.status_code, p.user_id, p.body) for p in replies] == [
-                (1, 1, Status.WORKER_LOST, 7, b""), (2, 1, Status.WORKER_LOST, 7, b"")]
+                (2, 1, Status.WORKER_LOST, 7, b""), (3, 1, Status.WORKER_LOST, 7, b"")]
             side.far_ends[0].close()
             side.far_ends[0] = replacement = open_consumer(side.rings.for_worker(0)[0][0])
             got = []
@@ -532,11 +538,14 @@ def test_a_lost_worker_answers_what_it_took_and_its_replacement_gets_the_rest(c_
                     break
                 got += batch
                 sender._on_space()
-            opened = sorted(conn_id for kind, conn_id, _ in got[:3] if kind == records.OPENED)
-            assert opened == sorted(conn.conn_id for conn, _ in side.conns)
+            everyone = [conn for conn, _ in side.conns] + [late]
+            assert sorted(conn_id for kind, conn_id, _ in got if kind == records.OPENED) == sorted(
+                conn.conn_id for conn in everyone)  # once each, before any request
+            assert {kind for kind, _, _ in got[: len(everyone)]} == {records.OPENED}
             packets = {conn.conn_id: b"".join(p for kind, conn_id, p in got if conn_id == conn.conn_id
-                                              and kind == records.PACKETS) for conn, _ in side.conns}
-            assert packets == {first.conn_id: cut, side.conns[1][0].conn_id: b"", third.conn_id: second + run * 5}
+                                              and kind == records.PACKETS) for conn in everyone}
+            assert packets == {first.conn_id: cut, side.conns[1][0].conn_id: b"", third.conn_id: second + run * 5,
+                               late.conn_id: b""}
             assert (first.outstanding, third.outstanding, third_t.reading) == (2, 21, True)
         finally:
             side.close()

@@ -845,6 +845,8 @@ def test_c_and_python_cores_agree(capacity, rewind_at, ops):
                         if at >= 0:
                             shm.buf[at : at + min(fill, size)] = bytes([serial % 256]) * min(fill, size)
                         writer.commit(kind, serial, commit)
+                        answers.append("committed")
+                        writer.commit(kind, serial, 0)  # a reservation is good for one record
                     except ValueError as exc:
                         answers.append(str(exc))
                 elif op[0] == "read":

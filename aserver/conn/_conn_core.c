@@ -270,6 +270,7 @@ static PyObject *core_buffer_updated(Core *self, PyObject *arg) {
     if (nbytes == -1 && PyErr_Occurred()) return NULL;
     PyObject *room = self->reading; /* our reference now */
     self->reading = NULL;
+    if (room == Py_None) Py_CLEAR(room); /* (as ClientProtocolBase starts it) */
     PyObject *source = room ? room : self->scratch;
     if (source == NULL) return scratch_buffer(self);
     Py_buffer view;

@@ -146,6 +146,7 @@ class ClientProtocolBase(asyncio.BufferedProtocol):
         return False  # close our side too; replies already queued are still flushed
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.reading = None  # a view of a ring: let it go before the ring is closed
         if self.closed:
             return
         self.closed = True

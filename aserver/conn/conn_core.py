@@ -199,7 +199,7 @@ def packet_headers(run: bytes | bytearray | memoryview, count: int, big_endian: 
     headers = bytearray()
     pos = 0
     for _ in range(count):
-        (length,) = struct.unpack_from(length_of, view, pos)
+        (length,) = struct.unpack_from(length_of, view, pos) if len(view) - pos >= 4 else (0,)
         if length < HEADER_SIZE or pos + length > len(view):
             raise ValueError(f"run holds fewer than {count} packets")
         headers += view[pos : pos + HEADER_SIZE]

@@ -73,7 +73,7 @@ class WriterCore(_Core):
         """Find room for a record of up to `length` payload bytes. Returns the payload's
         offset in the segment (fill it, then `commit`), or -1 when there is no room.
         Nothing is written, and the room is ours only until the next write."""
-        if length > self.max_payload:
+        if length < 0 or length > self.max_payload:
             raise ValueError(f"record of {length} bytes exceeds ring limit {self.max_payload}")
         self._reserved = -1
         size = (RECORD_HEADER_SIZE + length + 7) & ~7
@@ -98,6 +98,8 @@ class WriterCore(_Core):
 
     def commit(self, kind: int, conn_id: int, length: int) -> None:
         """Make the first `length` payload bytes of the room `reserve` found a record."""
+        if not 0 <= kind <= 0xFFFFFFFF:
+            raise OverflowError("record kind does not fit in 32 bits")
         if kind == KIND_WRAP:
             raise ValueError("record kind 0xFFFFFFFF is the ring's wrap marker")
         if not 0 <= length <= self._reserved:
