@@ -549,3 +549,37 @@ def test_a_lost_worker_answers_what_it_took_and_its_replacement_gets_the_rest(c_
             assert (first.outstanding, third.outstanding, third_t.reading) == (2, 21, True)
         finally:
             side.close()
+
+
+def test_blocked_connections_resume_oldest_first_as_room_allows(c_protocol) -> None:
+    """Once the runs that waited are in the ring, connections a full ring paused are
+    resumed oldest first, each only if the room left holds what it sent last; the rest
+    follow as the worker frees more (resuming all at once had most of them read a run
+    with no room for it, copy it, queue it and pause again)."""
+    codec = PacketCodec()
+    run = b"".join(codec.encode(1, b"x" * 4000, seq_num=i) for i in range(4))  # a quarter of the ring
+    for protocol in (c_protocol, PythonProtocol):
+        side = Side(protocol, ByteOrder.LITTLE)
+        try:
+            extra = [protocol(side.server) for _ in range(2)]
+            for i, conn in enumerate(extra):
+                conn.connection_made(FakeTransport(20_200 + i))
+            (a, a_t), (b, b_t), (c, c_t) = side.conns[0], side.conns[2], (extra[1], extra[1].transport)
+            assert {conn.worker for conn in (a, b, c)} == {0}
+            for _ in range(5):
+                feed(a, run)  # four fit, the fifth waits
+            feed(b, run)
+            feed(c, run)
+            link = side.server.links[0]
+            assert list(link.blocked) == [a, b, c] and not (a_t.reading or b_t.reading or c_t.reading)
+            side.take()  # the worker takes everything: the three waiting runs go in, a quarter is left
+            link.sender._on_space()
+            assert (a_t.reading, b_t.reading, c_t.reading) == (True, False, False), protocol
+            assert link.sender._waiting  # for the worker to free more
+            side.far_ends[0].read_batch(1)
+            side.far_ends[0].release()
+            link.sender._on_space()
+            assert (a_t.reading, b_t.reading, c_t.reading, link.blocked) == (True, True, True, {}), protocol
+            assert not link.sender._waiting
+        finally:
+            side.close()

@@ -43,8 +43,8 @@ typedef struct {
     PyObject *reading;       /* the ring room (a memoryview) the current read goes to, or NULL */
 } Core;
 
-/* The most one socket read takes (conn_core.READ_SIZE). */
-static Py_ssize_t read_size;
+/* The room asked of the ring for a read, and then with less left (conn_core.READ_SIZE, SMALL_READ). */
+static Py_ssize_t read_size, small_read;
 
 /* Taken from the Python modules at import, so the two sides share one definition. */
 static PyObject *InFlight, *Deque;
@@ -205,6 +205,15 @@ static PyObject *scratch_buffer(Core *self) {
     return Py_NewRef(self->scratch);
 }
 
+/* sender.reserve(size): ring room (a memoryview) or None. */
+static PyObject *reserve(PyObject *sender, Py_ssize_t size) {
+    PyObject *want = PyLong_FromSsize_t(size);
+    if (want == NULL) return NULL;
+    PyObject *room = PyObject_CallMethodOneArg(sender, s_reserve, want);
+    Py_DECREF(want);
+    return room;
+}
+
 /* get_buffer(sizehint): see conn_core.ConnCore.get_buffer. */
 static PyObject *core_get_buffer(Core *self, PyObject *Py_UNUSED(sizehint)) {
     Py_CLEAR(self->reading);
@@ -216,10 +225,10 @@ static PyObject *core_get_buffer(Core *self, PyObject *Py_UNUSED(sizehint)) {
     Py_XDECREF(limit);
     PyObject *room = NULL;
     if (!(max_payload == -1 && PyErr_Occurred())) {
-        PyObject *want = PyLong_FromSsize_t(max_payload < read_size ? max_payload : read_size);
-        if (want != NULL) {
-            room = PyObject_CallMethodOneArg(sender, s_reserve, want);
-            Py_DECREF(want);
+        room = reserve(sender, max_payload < read_size ? max_payload : read_size);
+        if (room == Py_None && max_payload > small_read) {
+            Py_DECREF(room);
+            room = reserve(sender, small_read);
         }
     }
     Py_DECREF(sender);
@@ -644,16 +653,18 @@ static int take_shared(void) {
     PyObject *records = PyImport_ImportModule("aserver.ipc.records");
     PyObject *header = PyImport_ImportModule("aserver.protocol.header");
     PyObject *collections = PyImport_ImportModule("collections");
-    unsigned long size = 0, most = 0;
+    unsigned long size = 0, most = 0, small = 0;
     int failed = conn_core == NULL || records == NULL || header == NULL || collections == NULL ||
                  (InFlight = PyObject_GetAttrString(conn_core, "InFlight")) == NULL ||
                  (Deque = PyObject_GetAttrString(collections, "deque")) == NULL ||
                  constant(records, "PACKETS", &packets_kind) < 0 || constant(records, "CLOSE", &close_kind) < 0 ||
                  constant(records, "ACK_SHIFT", &ack_shift) < 0 || constant(records, "KIND_MASK", &kind_mask) < 0 ||
                  constant(header, "HEADER_SIZE", &size) < 0 || constant(conn_core, "READ_SIZE", &most) < 0 ||
+                 constant(conn_core, "SMALL_READ", &small) < 0 ||
                  (packets_obj = PyLong_FromUnsignedLong(packets_kind)) == NULL;
     header_size = (Py_ssize_t)size;
     read_size = (Py_ssize_t)most;
+    small_read = (Py_ssize_t)small;
     Py_XDECREF(conn_core);
     Py_XDECREF(records);
     Py_XDECREF(header);

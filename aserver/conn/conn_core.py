@@ -45,6 +45,9 @@ if TYPE_CHECKING:
 IOV_BATCH = 64
 # The most one socket read takes (the room asked of the ring, or the scratch buffer's size).
 READ_SIZE = 256 * 1024
+# With less room than that left in the ring, a read of up to this much still goes straight
+# in (most reads are smaller): the room asked for second.
+SMALL_READ = 64 * 1024
 
 
 class InFlight(msgspec.Struct, gc=False):
@@ -87,6 +90,8 @@ class ConnCore:
         if not (self.stage or self.partial or link is None):
             sender = link.sender
             room = sender.reserve(min(sender.max_payload, READ_SIZE))
+            if room is None and sender.max_payload > SMALL_READ:
+                room = sender.reserve(SMALL_READ)
             if room is not None:
                 self.reading = room
                 return room

@@ -36,8 +36,9 @@ class WorkerLink:
         self._server = server
         self.sender = RingSender(writer, server.loop, self._on_room)
         self.receiver = RingReceiver(reader, server.loop, self._on_replies, in_place=True)
-        # Connections paused because this link's ring was full.
-        self.blocked: set[ClientProtocol] = set()
+        # Connections paused because this link's ring was full, oldest first, with the
+        # bytes of the run that had to wait: what each is expected to send next.
+        self.blocked: dict[ClientProtocol, int] = {}
 
     def send_event(self, kind: int, conn_id: int, payload: bytes) -> None:
         self.sender.send(kind, conn_id, payload)
@@ -50,25 +51,36 @@ class WorkerLink:
             return
         conn.sent(self.index, sender.records_sent, count, run)
         if not sender.send(records.PACKETS, conn.conn_id, run) and not conn.closed:
-            self.ring_full(conn)
+            self.ring_full(conn, len(run))
 
-    def ring_full(self, conn: ClientProtocol) -> None:
-        """conn's last run had to wait for room in this ring: read no more from it until
-        there is room (ClientProtocol's C core calls this too)."""
+    def ring_full(self, conn: ClientProtocol, size: int) -> None:
+        """conn's last run (`size` bytes) had to wait for room in this ring: read no more
+        from it until there is room."""
         log.debug("ring to worker %d full: pausing connection %x", self.index, conn.conn_id)
         self._server.stats["ring_full"] += 1  # runs that waited for room (backpressure, not loss)
         conn.blocking_links |= 1 << self.index
         conn.pause(PAUSED_FOR_RING)
-        self.blocked.add(conn)
+        self.blocked.setdefault(conn, size)
 
-    def _on_room(self) -> None:
-        """Resume the connections this ring blocked, unless another ring still does
-        (with per-packet routing one connection feeds several rings)."""
-        blocked, self.blocked = self.blocked, set()
-        for conn in blocked:
-            conn.blocking_links &= ~(1 << self.index)
+    def _on_room(self) -> bool:
+        """Room appeared (nothing waits in the sender any more): resume the connections
+        this ring blocked, oldest first, as long as the room left holds what each sent
+        last; resuming them all at once would have most of them read a run with no room
+        for it (copied, queued, paused again). Returns True while some stay blocked: the
+        sender then calls again as the worker frees more. A connection another ring still
+        blocks (per-packet routing) stays paused."""
+        room = self.sender.room()
+        bit = 1 << self.index
+        while self.blocked:
+            conn, size = next(iter(self.blocked.items()))
+            if size > room and not conn.closed:
+                return True
+            room -= size
+            del self.blocked[conn]
+            conn.blocking_links &= ~bit
             if not conn.blocking_links:
                 conn.resume(PAUSED_FOR_RING)
+        return False
 
     def _on_replies(self, batch: list[tuple[int, int, bytes | memoryview]]) -> None:
         self._server.on_replies(self.index, batch)
@@ -326,8 +338,8 @@ class ConnServer:
             conn = self.connections.get(conn_id)
             if kind == records.PACKETS and conn is not None:
                 link.send_requests(conn, run, count_packets(run, self.codec))
-        if not link.sender.backlogged:
-            link._on_room()  # paused on the old ring: read again (else when room appears)
+        if not link.sender.backlogged and link._on_room():
+            link.sender.wait_for_room()  # some stay paused: more of them read as room appears
         for conn in list(self.connections.values()):
             if conn.close_when_answered and not conn.outstanding:
                 conn.close()

@@ -26,6 +26,8 @@ class RingSenderBase:
     """Writes records, publishing once per loop iteration. When the ring is full, records
     wait in order in an in-process queue (never dropped) and `send` returns False so the
     caller can stop reading from its sources; `on_room` is called once the queue empties.
+    If it returns True (sources still wait), it is called again as the consumer frees
+    more room, until it returns something false.
     `send` comes from SenderCore (ring_core.SenderCore, or the C one in _ring_core.c);
     its slow path is `_wait`."""
 
@@ -33,7 +35,7 @@ class RingSenderBase:
         self,
         writer: RingWriter,
         loop: asyncio.AbstractEventLoop,
-        on_room: Callable[[], None],
+        on_room: Callable[[], bool | None],
     ) -> None:
         self._writer = writer
         self._loop = loop
@@ -60,6 +62,15 @@ class RingSenderBase:
         """What the consumer never took, in order: records in the ring (copied), then the
         ones waiting for room. Only while no consumer is attached (it died or retired)."""
         return self._writer.unread_records() + list(self._overflow)
+
+    def room(self) -> int:
+        """Bytes free in the ring as the consumer last published (contiguous or not)."""
+        return self._writer.room()
+
+    def wait_for_room(self) -> None:
+        """Call on_room when the consumer frees room (it returned True outside _retry)."""
+        if not self._waiting:
+            self._start_waiting()
 
     def discard_unread(self) -> None:
         """The consumer is gone: forget the overflow and mark the ring consumed. The
@@ -129,8 +140,10 @@ class RingSenderBase:
                 return
             overflow.popleft()
         writer.publish()
-        self._stop_waiting()
-        self._on_room()
+        if not self._on_room():
+            self._stop_waiting()
+        elif writer.wait_for_space():  # some sources still wait for room
+            self._loop.call_soon(self._retry)
 
 
 class RingSender(SenderCore, RingSenderBase):  # type: ignore[valid-type,misc]

@@ -202,6 +202,10 @@ class RingWriter(WriterCore, _RingSide):
             return True
         return False
 
+    def room(self) -> int:
+        """Bytes free as the consumer last published (contiguous or not)."""
+        return self.capacity - (self._write - self._words[_READ_POS])
+
     def records_taken(self) -> int:
         """How many records the consumer has taken (as it last published)."""
         return self._words[_RECORDS_READ]
