@@ -104,12 +104,12 @@ class Side:
     """A ConnServer whose connections use one of the two cores, and the far ends of its
     request rings."""
 
-    def __init__(self, protocol: type, byte_order: ByteOrder) -> None:
+    def __init__(self, protocol: type, byte_order: ByteOrder, ring_size: int = RING_SIZE) -> None:
         self.loop = asyncio.new_event_loop()
         settings = from_dict({"server": {"max_packet_size": MAX_PACKET, "byte_order": byte_order.value,
                                          "max_reply_backlog": MAX_REPLY_BACKLOG},
-                              "ring": {"size": RING_SIZE}})
-        self.rings = RingSet(f"aserver-core-{os.getpid()}-{next(_names)}", 1, WORKERS, RING_SIZE)
+                              "ring": {"size": ring_size}})
+        self.rings = RingSet(f"aserver-core-{os.getpid()}-{next(_names)}", 1, WORKERS, ring_size)
         links = [(open_producer(p), open_consumer(c)) for p, c in self.rings.for_conn(0)]
         self.server = ConnServer(settings, 0, 1, links, self.loop)
         self.server.protocol = protocol
@@ -581,5 +581,45 @@ def test_blocked_connections_resume_oldest_first_as_room_allows(c_protocol) -> N
             link.sender._on_space()
             assert (a_t.reading, b_t.reading, c_t.reading, link.blocked) == (True, True, True, {}), protocol
             assert not link.sender._waiting
+        finally:
+            side.close()
+
+
+def test_a_read_goes_into_the_ring_while_a_small_read_still_fits(c_protocol) -> None:
+    """Reads ask the ring for READ_SIZE, and for SMALL_READ when that is not there; only
+    with less room than that do they go to the scratch buffer."""
+    codec = PacketCodec()
+    run = b"".join(codec.encode(1, b"x" * 4000, seq_num=i) for i in range(16))  # ~64 KiB
+    for protocol in (c_protocol, PythonProtocol):
+        side = Side(protocol, ByteOrder.LITTLE, ring_size=1024 * 1024)  # max_payload 256 KiB
+        try:
+            conn = side.conns[0][0]
+            sizes = []
+            while not side.server.links[0].sender.backlogged:
+                room = conn.get_buffer(-1)
+                sizes.append(len(room) if room.obj is not conn.scratch.obj else "scratch")
+                del room
+                feed(conn, run)
+            assert sizes[0] == conn_core.READ_SIZE - 16  # max_payload: a quarter of the ring
+            assert conn_core.SMALL_READ in sizes and sizes[-1] == "scratch", sizes
+            assert sizes.index(conn_core.SMALL_READ) < sizes.index("scratch")
+        finally:
+            side.close()
+
+
+def test_a_read_into_the_scratch_buffer_needs_no_get_buffer_first(c_protocol) -> None:
+    """A connection that never handed out ring room reads from the scratch buffer (the C
+    core takes the None that ClientProtocolBase starts `reading` with as no room)."""
+    codec = PacketCodec()
+    packet = codec.encode(1, b"hello", seq_num=9)
+    for protocol in (c_protocol, PythonProtocol):
+        side = Side(protocol, ByteOrder.LITTLE)
+        try:
+            conn = side.conns[0][0]
+            assert conn.reading is None
+            conn.scratch[: len(packet)] = packet
+            conn.buffer_updated(len(packet))
+            side.take()
+            assert [p for kind, _, p in side.taken[0] if kind == records.PACKETS] == [packet], protocol
         finally:
             side.close()
