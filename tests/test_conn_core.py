@@ -623,3 +623,94 @@ def test_a_read_into_the_scratch_buffer_needs_no_get_buffer_first(c_protocol) ->
             assert [p for kind, _, p in side.taken[0] if kind == records.PACKETS] == [packet], protocol
         finally:
             side.close()
+
+
+def blocked_on_worker_0(side: Side, protocol: type, count: int) -> list:
+    """`count` connections of worker 0, each with a quarter-ring run waiting for room (the
+    first has filled the ring before)."""
+    conns = [side.conns[0], side.conns[2]]
+    while len(conns) < count:
+        conn = protocol(side.server)
+        conn.connection_made(FakeTransport(21_000 + len(conns)))
+        if conn.worker == 0:
+            conns.append((conn, conn.transport))
+    run = b"".join(PacketCodec().encode(1, b"x" * 4000, seq_num=i) for i in range(4))
+    for _ in range(4):
+        feed(conns[0][0], run)
+    for conn, _ in conns:
+        feed(conn, run)
+    assert list(side.server.links[0].blocked) == [conn for conn, _ in conns]
+    return conns
+
+
+def test_an_empty_ring_holds_no_blocked_connection_back(c_protocol) -> None:
+    """Connections resumed earlier may send nothing more: once the ring is empty, the
+    worker frees nothing and no space wakeup comes, so everyone left is resumed then."""
+    for protocol in (c_protocol, PythonProtocol):
+        side = Side(protocol, ByteOrder.LITTLE)
+        try:
+            conns = blocked_on_worker_0(side, protocol, 7)
+            link = side.server.links[0]
+            for _ in range(5):  # the worker takes everything, again and again; the loop runs
+                side.take()  # (the sender's wakeups: its space pipe; 50 ms, before its poll)
+                side.loop.run_until_complete(asyncio.sleep(0.01))
+            assert link.sender.fill == 0
+            assert ([t.reading for _, t in conns], link.blocked, link.sender._waiting) == ([True] * 7, {}, False)
+        finally:
+            side.close()
+
+
+def test_a_closed_connection_holds_no_room(c_protocol) -> None:
+    codec = PacketCodec()
+    for protocol in (c_protocol, PythonProtocol):
+        side = Side(protocol, ByteOrder.LITTLE)
+        try:
+            (a, _), (b, _) = side.conns[0], side.conns[2]
+            extra = protocol(side.server)
+            extra.connection_made(FakeTransport(20_300))
+            extra = protocol(side.server)  # worker 0 again
+            extra.connection_made(FakeTransport(20_301))
+            c, c_t = extra, extra.transport
+            run = b"".join(codec.encode(1, b"x" * 4000, seq_num=i) for i in range(4))
+            for _ in range(5):
+                feed(a, run)
+            feed(b, run)
+            b.connection_lost(None)  # gone while it waits
+            feed(c, codec.encode(1, b"z" * 4000))
+            link = side.server.links[0]
+            assert list(link.blocked) == [a, b, c]
+            side.take()
+            link.sender._on_space()  # the waiting runs go in: room for a's next run and c's, not b's too
+            assert (c_t.reading, link.blocked) == (True, {}), protocol
+        finally:
+            side.close()
+
+
+def test_a_lost_worker_leaves_the_sender_waiting_for_room_for_the_blocked(c_protocol) -> None:
+    """The worker dies with no run waiting in the sender and more connections blocked than
+    its replacement's ring takes at once: they are resumed as it frees room."""
+    for protocol in (c_protocol, PythonProtocol):
+        side = Side(protocol, ByteOrder.LITTLE)
+        try:
+            conns = blocked_on_worker_0(side, protocol, 7)
+            link = side.server.links[0]
+            sender = link.sender
+            for _ in range(2):
+                side.take()
+                sender._on_space()
+            far_end = side.far_ends[0]
+            far_end.read_batch(1)  # the worker takes one record and dies
+            far_end.mark_taken()
+            assert not sender.backlogged and len(link.blocked) >= 4
+            side.server.worker_gone(0)
+            assert link.blocked and sender._waiting
+            far_end.close()
+            side.far_ends[0] = replacement = open_consumer(side.rings.for_worker(0)[0][0])
+            for _ in range(3):  # the loop runs: publishes, space wakeups
+                side.loop.run_until_complete(asyncio.sleep(0.01))
+                replacement.read_batch(1000)
+                replacement.release()
+            side.loop.run_until_complete(asyncio.sleep(0.01))
+            assert ([t.reading for _, t in conns], link.blocked) == ([True] * 7, {})
+        finally:
+            side.close()

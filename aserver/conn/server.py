@@ -19,7 +19,7 @@ from aserver.conn.sweeper import Sweeper
 from aserver.ipc import records
 from aserver.ipc.channel import RingReceiver, RingSender
 from aserver.ipc.records import CONN_INDEX_SHIFT
-from aserver.ipc.ring import RingReader, RingWriter
+from aserver.ipc.ring import RingReader, RingWriter, record_size
 from aserver.protocol import HEADER_SIZE, PacketCodec, count_packets, split_run
 from aserver.protocol.proxy_header import ProxyInfo, is_trusted
 from aserver.settings import Settings
@@ -64,18 +64,23 @@ class WorkerLink:
 
     def _on_room(self) -> bool:
         """Room appeared (nothing waits in the sender any more): resume the connections
-        this ring blocked, oldest first, as long as the room left holds what each sent
-        last; resuming them all at once would have most of them read a run with no room
-        for it (copied, queued, paused again). Returns True while some stay blocked: the
-        sender then calls again as the worker frees more. A connection another ring still
-        blocks (per-packet routing) stays paused."""
-        room = self.sender.room()
+        this ring blocked, oldest first, as long as the room left holds a record of what
+        each sent last; resuming them all at once would have most of them read a run
+        with no room for it (copied, queued, paused again). Returns True while some stay
+        blocked: the sender then calls again as the worker frees more. An empty ring
+        holds nobody back: the worker has nothing left to free, so no call would come.
+        A connection another ring still blocks (per-packet routing) stays paused."""
+        sender = self.sender
+        room = sender.room()
+        empty = room >= sender.capacity
         bit = 1 << self.index
         while self.blocked:
             conn, size = next(iter(self.blocked.items()))
-            if size > room and not conn.closed:
-                return True
-            room -= size
+            if not conn.closed:
+                need = record_size(size)
+                if need > room and not empty:
+                    return True
+                room -= need
             del self.blocked[conn]
             conn.blocking_links &= ~bit
             if not conn.blocking_links:

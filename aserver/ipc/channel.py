@@ -63,6 +63,10 @@ class RingSenderBase:
         ones waiting for room. Only while no consumer is attached (it died or retired)."""
         return self._writer.unread_records() + list(self._overflow)
 
+    @property
+    def capacity(self) -> int:
+        return self._writer.capacity
+
     def room(self) -> int:
         """Bytes free in the ring as the consumer last published (contiguous or not)."""
         return self._writer.room()
