@@ -67,18 +67,16 @@ class WorkerLink:
         this ring blocked, oldest first, as long as the room left holds a record of what
         each sent last; resuming them all at once would have most of them read a run
         with no room for it (copied, queued, paused again). Returns True while some stay
-        blocked: the sender then calls again as the worker frees more. An empty ring
-        holds nobody back: the worker has nothing left to free, so no call would come.
-        A connection another ring still blocks (per-packet routing) stays paused."""
-        sender = self.sender
-        room = sender.room()
-        empty = room >= sender.capacity
+        blocked: the sender then calls again as the worker frees more (or, the ring
+        being empty, shortly). A connection another ring still blocks (per-packet
+        routing) stays paused."""
+        room = self.sender.room()
         bit = 1 << self.index
         while self.blocked:
             conn, size = next(iter(self.blocked.items()))
             if not conn.closed:
                 need = record_size(size)
-                if need > room and not empty:
+                if need > room:
                     return True
                 room -= need
             del self.blocked[conn]

@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 EARLY_PUBLISH_BYTES = 8192
 # Safety net against a lost wakeup; also retries a sender waiting for room.
 POLL_INTERVAL = 0.1
+# Sources still wait for room in an empty ring: when to look again (see _retry).
+EMPTY_RING_RECHECK = 0.001
 
 
 class RingSenderBase:
@@ -27,7 +29,8 @@ class RingSenderBase:
     wait in order in an in-process queue (never dropped) and `send` returns False so the
     caller can stop reading from its sources; `on_room` is called once the queue empties.
     If it returns True (sources still wait), it is called again as the consumer frees
-    more room, until it returns something false.
+    more room (with the ring empty, after EMPTY_RING_RECHECK), until it returns
+    something false.
     `send` comes from SenderCore (ring_core.SenderCore, or the C one in _ring_core.c);
     its slow path is `_wait`."""
 
@@ -62,10 +65,6 @@ class RingSenderBase:
         """What the consumer never took, in order: records in the ring (copied), then the
         ones waiting for room. Only while no consumer is attached (it died or retired)."""
         return self._writer.unread_records() + list(self._overflow)
-
-    @property
-    def capacity(self) -> int:
-        return self._writer.capacity
 
     def room(self) -> int:
         """Bytes free in the ring as the consumer last published (contiguous or not)."""
@@ -148,6 +147,10 @@ class RingSenderBase:
             self._stop_waiting()
         elif writer.wait_for_space():  # some sources still wait for room
             self._loop.call_soon(self._retry)
+        elif not writer.fill():
+            # The consumer has nothing to free, so no wakeup will come: look again once
+            # the sources resumed so far have had a chance to write.
+            self._loop.call_later(EMPTY_RING_RECHECK, self._retry)
 
 
 class RingSender(SenderCore, RingSenderBase):  # type: ignore[valid-type,misc]
