@@ -109,8 +109,16 @@ class RingSenderBase:
         self._waiting = True
         self._loop.add_reader(self._writer.space_fd, self._on_space)
         self._poll = self._loop.call_later(POLL_INTERVAL, self._on_poll)
+        self._await_space()
+
+    def _await_space(self) -> None:
+        """Have _retry called when the consumer frees room: by its wakeup, at once if it
+        already did, or shortly if the ring is empty (a consumer with nothing to free
+        sends no wakeup; sources resumed so far get a chance to write first)."""
         if self._writer.wait_for_space():
             self._loop.call_soon(self._retry)
+        elif not self._writer.fill():
+            self._loop.call_later(EMPTY_RING_RECHECK, self._retry)
 
     def _stop_waiting(self) -> None:
         if self._waiting:
@@ -138,19 +146,14 @@ class RingSenderBase:
             kind, conn_id, payload = overflow[0]
             if not writer.try_write(kind, conn_id, payload):
                 writer.publish()
-                if writer.wait_for_space():
-                    self._loop.call_soon(self._retry)
+                self._await_space()
                 return
             overflow.popleft()
         writer.publish()
-        if not self._on_room():
+        if self._on_room():
+            self._await_space()  # some sources still wait for room
+        else:
             self._stop_waiting()
-        elif writer.wait_for_space():  # some sources still wait for room
-            self._loop.call_soon(self._retry)
-        elif not writer.fill():
-            # The consumer has nothing to free, so no wakeup will come: look again once
-            # the sources resumed so far have had a chance to write.
-            self._loop.call_later(EMPTY_RING_RECHECK, self._retry)
 
 
 class RingSender(SenderCore, RingSenderBase):  # type: ignore[valid-type,misc]
