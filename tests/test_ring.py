@@ -1070,3 +1070,45 @@ def test_unread_records_are_what_the_consumer_never_took(make_ring):
         sender.discard_unread()
         assert sender.unread_records() == []
         sender._stop_waiting()
+
+
+def test_a_sender_whose_sources_wait_in_an_empty_ring_looks_again_once_at_a_time(make_ring):
+    """on_room says sources still wait, but the ring is empty: no wakeup can come from the
+    consumer, so the sender looks again shortly; one look at a time however many callers
+    come (the poll, the space pipe), and none after it was closed."""
+    loop = asyncio.new_event_loop()
+    errors = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    pair = make_ring(4096)
+    looks, wanted = [], [6]
+
+    def on_room() -> bool:
+        looks.append(pair.writer.fill())
+        return len(looks) < wanted[0]
+
+    sender = RingSender(pair.writer, loop, on_room)
+
+    def fill_then_empty() -> None:
+        while sender.send(records.PACKETS, 1, b"x" * 1000):
+            pass
+        for _ in range(2):  # the consumer takes everything (the record that waited too)
+            pair.reader.read_batch(100)
+            pair.reader.release()
+            loop.run_until_complete(asyncio.sleep(0))  # the space pipe wakes the sender
+
+    try:
+        fill_then_empty()
+        assert looks[0] > 0 and looks[1:] == [0] and sender._waiting  # a look is due in 1 ms
+        for _ in range(3):
+            sender._on_poll()  # more callers meanwhile
+        loop.run_until_complete(asyncio.sleep(0.05))
+        assert (looks[1:], sender._waiting) == ([0] * 5, False)  # 3 calls and 1 look, not 3 more
+        looks.clear()
+        wanted[0] = 100
+        fill_then_empty()
+        assert looks[1:] == [0] and sender._waiting
+        sender.close()  # with a look due
+        loop.run_until_complete(asyncio.sleep(0.02))
+        assert (len(looks), errors) == (2, [])
+    finally:
+        loop.close()

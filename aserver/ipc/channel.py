@@ -48,6 +48,7 @@ class RingSenderBase:
         self.early_publish_bytes = EARLY_PUBLISH_BYTES
         self._waiting = False
         self._poll: asyncio.TimerHandle | None = None
+        self._retry_soon: asyncio.Handle | None = None  # the one _retry on its way, if any
         self.max_payload = writer.max_payload
 
     @property
@@ -115,12 +116,15 @@ class RingSenderBase:
         """Have _retry called when the consumer frees room: by its wakeup, at once if it
         already did, or shortly if the ring is empty (a consumer with nothing to free
         sends no wakeup; sources resumed so far get a chance to write first)."""
+        if self._retry_soon is not None:
+            return  # a _retry is on its way, and it waits again if it must
         if self._writer.wait_for_space():
-            self._loop.call_soon(self._retry)
+            self._retry_soon = self._loop.call_soon(self._retry)
         elif not self._writer.fill():
-            self._loop.call_later(EMPTY_RING_RECHECK, self._retry)
+            self._retry_soon = self._loop.call_later(EMPTY_RING_RECHECK, self._retry)
 
     def _stop_waiting(self) -> None:
+        self._cancel_retry()
         if self._waiting:
             self._waiting = False
             self._loop.remove_reader(self._writer.space_fd)
@@ -139,7 +143,13 @@ class RingSenderBase:
         if self._waiting:
             self._poll = self._loop.call_later(POLL_INTERVAL, self._on_poll)
 
+    def _cancel_retry(self) -> None:
+        if self._retry_soon is not None:
+            self._retry_soon.cancel()
+            self._retry_soon = None
+
     def _retry(self) -> None:
+        self._cancel_retry()  # (this may be it) one at a time: see _await_space
         writer = self._writer
         overflow = self._overflow
         while overflow:
