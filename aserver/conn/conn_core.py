@@ -48,6 +48,8 @@ READ_SIZE = 256 * 1024
 # With less room than that left in the ring, a read of up to this much still goes straight
 # in (most reads are smaller): the room asked for second.
 SMALL_READ = 64 * 1024
+# A packet's length field, by ConnCore.big_endian.
+_LENGTH = {False: struct.Struct("<I"), True: struct.Struct(">I")}
 
 
 class InFlight(msgspec.Struct, gc=False):
@@ -107,9 +109,9 @@ class ConnCore:
             return
         self.reading = None
         end = count = 0
-        length_of = ">I" if self.big_endian else "<I"
+        unpack_length = _LENGTH[self.big_endian].unpack_from
         while nbytes - end >= 4:
-            (length,) = struct.unpack_from(length_of, room, end)
+            (length,) = unpack_length(room, end)
             if length < HEADER_SIZE or length > self.max_packet_size or nbytes - end < length:
                 break  # cut short or a bad length: receive() keeps the start or says why
             end += length
@@ -199,12 +201,12 @@ class ConnCore:
 
 def packet_headers(run: bytes | bytearray | memoryview, count: int, big_endian: bool) -> bytes:
     """The headers of the first `count` packets of `run`, back to back."""
-    length_of = ">I" if big_endian else "<I"
+    unpack_length = _LENGTH[big_endian].unpack_from
     view = memoryview(run)
     headers = bytearray()
     pos = 0
     for _ in range(count):
-        (length,) = struct.unpack_from(length_of, view, pos) if len(view) - pos >= 4 else (0,)
+        (length,) = unpack_length(view, pos) if len(view) - pos >= 4 else (0,)
         if length < HEADER_SIZE or pos + length > len(view):
             raise ValueError(f"run holds fewer than {count} packets")
         headers += view[pos : pos + HEADER_SIZE]

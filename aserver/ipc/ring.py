@@ -213,17 +213,10 @@ class RingWriter(WriterCore, _RingSide):
     def unread_records(self) -> list[tuple[int, int, bytes]]:
         """Copies of the records the consumer has not taken, in order, as (kind, conn_id,
         payload). Only while no consumer is attached (it died or retired)."""
-        words = self._words
-        read = words[_READ_POS]
-        # Records the consumer took but did not release yet sit before the untaken ones.
-        seq = self.records_written - count_records(self._buf, self.capacity, read, self._write)
-        taken = words[_RECORDS_READ]
-        unread = []
-        for kind, conn_id, at, length in walk_records(self._buf, self.capacity, read, self._write):
-            if seq >= taken:
-                unread.append((kind, conn_id, bytes(self._buf[at : at + length])))
-            seq += 1
-        return unread
+        in_ring = list(walk_records(self._buf, self.capacity, self._words[_READ_POS], self._write))
+        # Records the consumer took but did not release yet come before the untaken ones.
+        untaken = in_ring[len(in_ring) - (self.records_written - self._words[_RECORDS_READ]) :]
+        return [(kind, conn_id, bytes(self._buf[at : at + length])) for kind, conn_id, at, length in untaken]
 
     def discard_unread(self) -> None:
         """Mark everything in the ring as consumed. Only while no consumer is attached
