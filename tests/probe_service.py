@@ -247,3 +247,22 @@ async def awaits_a_cancelled_future(request: Request) -> bytes:
     future = asyncio.get_running_loop().create_future()
     future.cancel()
     return await future
+
+
+ZERO_COPY = 40
+_previous_body: list = []
+
+
+@app.handler(ZERO_COPY, zero_copy=True)
+def zero_copy_echo(request: Request) -> bytes:
+    """The body's type, whether the body this worker got last time was released once its
+    handler returned, then the body itself."""
+    state = b"first"
+    if _previous_body:
+        try:
+            bytes(_previous_body[0])
+            state = b"live"
+        except ValueError:
+            state = b"released"
+    _previous_body[:] = [request.body]
+    return b"%s %s " % (type(request.body).__name__.encode(), state) + request.body

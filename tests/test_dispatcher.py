@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import functools
 import gc
+import struct
 import time
 import warnings
 
@@ -413,3 +414,161 @@ async def test_a_known_series_is_counted_without_a_python_call_in_c():
     assert (sum(counts[:-1]), metrics.replies) == (3, {1 << 32: 3})
     assert sum(counts[: LATENCY_BUCKETS.index(0.001) + 1]) == 0 and counts[len(LATENCY_BUCKETS)] == 0
     assert 0.004 <= counts[-1] - first_seconds <= elapsed  # the other two's time, and no more
+
+
+# zero_copy handlers ----------------------------------------------------------------------
+
+
+async def test_a_zero_copy_handler_reads_the_record_itself_and_may_echo_it():
+    """Its body is a read-only view of the record (C loop: of the ring payload itself, no
+    copy; Python loop: of its one copy of the record); other handlers still get bytes."""
+    app = App()
+    seen = []
+
+    @app.handler(1, zero_copy=True)
+    def view_echo(request):
+        body = request.body
+        seen.append((type(body), body.readonly, body.obj, bytes(body)))
+        return body
+
+    @app.handler(2)
+    def bytes_echo(request):
+        seen.append((type(request.body), None, None, request.body))
+        return request.body
+
+    payload = bytearray(run((1, 1, b"first"), (2, 2, b"plain"), (3, 1, b"x" * 20_000)))
+    d, sender = make(app)
+    d.on_records([(records.PACKETS, CONN_A, payload)])
+    d._flush()
+    replies, acks = replies_and_acks(sender, CONN_A)
+    assert [(seq, status, bytes(body)) for seq, status, body in replies] == [
+        (1, 0, b"first"), (2, 0, b"plain"), (3, 0, b"x" * 20_000)]
+    assert acks == 3
+    assert [(kind, readonly, data) for kind, readonly, _, data in seen] == [
+        (memoryview, True, b"first"), (bytes, None, b"plain"), (memoryview, True, b"x" * 20_000)]
+    owner = seen[0][2]
+    assert (owner is payload) == (INLINE_LOOP[0] == "c")  # the Python loop copies the record first
+    assert seen[2][2] is owner
+
+
+async def test_a_zero_copy_body_kept_past_its_handler_is_released():
+    """A kept view would read ring space that is reused: it raises instead. The reply made
+    of the same view was copied out first."""
+    app = App()
+    kept = []
+
+    @app.handler(1, zero_copy=True)
+    def keep(request):
+        kept.append(request.body)
+        kept.append(request)  # the Request holds it too
+        return request.body
+
+    d, sender = make(app)
+    d.on_records([(records.PACKETS, CONN_A, bytearray(run((1, 1, b"keep me"))))])
+    assert [bytes(body) for _, _, body in replies_and_acks(sender, CONN_A)[0]] == [b"keep me"]
+    for view in (kept[0], kept[1].body):
+        with pytest.raises(ValueError, match="released"):
+            bytes(view)
+    assert d._kept_views == []
+
+
+async def test_a_zero_copy_body_with_a_buffer_still_exported_is_counted_and_logged(caplog):
+    """Something holding a buffer of the view (an iterator over it, numpy) keeps it from
+    being released: the worker says so instead of failing the batch."""
+    app = App()
+    iterators = []
+
+    @app.handler(1, zero_copy=True)
+    def hold(request):
+        iterators.append(struct.iter_unpack("B", request.body))  # holds a buffer export
+        return b"ok"
+
+    d, sender = make(app)
+    d.on_records([(records.PACKETS, CONN_A, bytearray(run((1, 1, b"ab"), (2, 1, b"cd"))))])
+    assert [bytes(body) for _, _, body in replies_and_acks(sender, CONN_A)[0]] == [b"ok", b"ok"]
+    assert d.stats["zero_copy_views_held"] == 2
+    assert [r.getMessage() for r in caplog.records if "kept a buffer of request.body" in r.getMessage()] == [
+        "a zero_copy handler kept a buffer of request.body after it returned (2); "
+        "it now reads reused ring memory: copy with bytes() what must be kept"]
+    assert d._kept_views == []
+
+
+async def test_a_released_zero_copy_body_returned_later_is_a_handler_error():
+    app = App()
+    kept = []
+
+    @app.handler(1, zero_copy=True)
+    def stale(request):
+        kept.append(request.body)
+        return kept[0]  # the first request's view, released after its batch
+
+    d, sender = make(app)
+    d.on_records([(records.PACKETS, CONN_A, bytearray(run((1, 1, b"one"))))])
+    d.on_records([(records.PACKETS, CONN_A, bytearray(run((2, 1, b"two"))))])
+    replies, acks = replies_and_acks(sender, CONN_A)
+    assert [(seq, status, bytes(body)) for seq, status, body in replies] == [
+        (1, 0, b"one"), (2, Status.HANDLER_ERROR, b"")]
+    assert acks == 2 and d.stats["handler_errors"] == 1
+
+
+async def test_a_queued_zero_copy_request_gets_a_view_of_its_own_copy():
+    """Behind an async request of its connection, the body is copied out of the ring; the
+    handler still gets a memoryview (one type per handler), and it stays valid."""
+    app = App()
+    kept = []
+
+    @app.handler(4)
+    async def slow(request):
+        await asyncio.sleep(0.01)
+        return request.body
+
+    @app.handler(1, zero_copy=True)
+    def keep(request):
+        kept.append(request.body)
+        return request.body
+
+    d, sender = make(app)
+    d.on_records([(records.PACKETS, CONN_A, bytearray(run((1, 4, b"slow"), (2, 1, b"queued"))))])
+    await asyncio.sleep(0.05)
+    d._flush()
+    assert [bytes(body) for _, _, body in replies_and_acks(sender, CONN_A)[0]] == [b"slow", b"queued"]
+    assert type(kept[0]) is memoryview and kept[0].readonly and bytes(kept[0]) == b"queued"
+
+
+@pytest.mark.parametrize("zero_copy", [False, True])
+async def test_a_zero_copy_fallback(zero_copy):
+    app = App()
+    bodies = []
+
+    def catch_all(request):
+        bodies.append(type(request.body))
+        return request.body
+
+    if zero_copy:
+        app.fallback(zero_copy=True)(catch_all)
+    else:
+        app.fallback(catch_all)
+    app.handler(1)(echo)
+    d, sender = make(app)
+    d.on_records([(records.PACKETS, CONN_A, bytearray(run((1, 7, b"any"), (2, 1, b"own"))))])
+    assert [bytes(body) for _, _, body in replies_and_acks(sender, CONN_A)[0]] == [b"any", b"own"]
+    assert bodies == [memoryview if zero_copy else bytes]
+
+
+def test_zero_copy_is_refused_where_it_cannot_apply():
+    app = App()
+    with pytest.raises(ValueError, match="in_conn handler for cmd_id 3 takes bytes bodies"):
+        app.handler(3, in_conn=True, zero_copy=True)(echo)
+    app.fallback(zero_copy=True)(echo)
+    with pytest.raises(ValueError, match="a fallback handler is already set"):
+        app.fallback(echo)
+
+
+def test_an_included_app_keeps_its_zero_copy_handlers():
+    app = App()
+    app.handler(1, zero_copy=True)(echo)
+    app.handler(2)(echo)
+    app.fallback(zero_copy=True)(echo)
+    merged = App()
+    merged.include(app)
+    assert (merged.zero_copy, merged.fallback_zero_copy) == ({1}, True)

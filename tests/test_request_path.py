@@ -14,7 +14,18 @@ from aserver.protocol import HEADER_SIZE, PacketCodec
 from aserver.testing import ServerProcess
 
 from conftest import MAX_PACKET
-from probe_service import BAD_RETURN, CLOSE_ME, ECHO, FAIL, HIDDEN_ASYNC, SLOW_ECHO, STATUS, TRIPLE, WHO
+from probe_service import (
+    BAD_RETURN,
+    CLOSE_ME,
+    ECHO,
+    FAIL,
+    HIDDEN_ASYNC,
+    SLOW_ECHO,
+    STATUS,
+    TRIPLE,
+    WHO,
+    ZERO_COPY,
+)
 
 codec = PacketCodec()
 
@@ -188,6 +199,16 @@ async def test_handler_hit_by_a_foreign_cancellation_gets_an_error_reply(server)
             reply = await client.call(13, b"", timeout=5)
             assert reply.status_code == Status.HANDLER_ERROR
         assert (await client.call(ECHO, b"still served", timeout=5)).body == b"still served"
+
+
+async def test_a_zero_copy_handler_gets_the_ring_itself_and_a_kept_body_is_released(server) -> None:
+    """Through the real worker (its handler module loaded and merged): the body is a
+    memoryview, and the one a handler kept from its last request raises when used."""
+    bodies = [os.urandom(16384), b"x", os.urandom(MAX_PACKET - HEADER_SIZE - 100)]
+    async with await Client.connect(*server.address) as client:
+        replies = [await client.call(ZERO_COPY, body, timeout=5) for body in bodies]
+    expected = [b"memoryview first " + bodies[0]] + [b"memoryview released " + body for body in bodies[1:]]
+    assert [r.body for r in replies] == expected
 
 
 async def test_the_pure_python_path_serves_the_same() -> None:

@@ -1,7 +1,9 @@
 /* The worker's inline loop for the common case, in C (see Dispatcher._run_inline).
  *
  * InlineRunner.run(conn, payload, pos) walks the record's packets from `pos` (payload: any
- * buffer, e.g. a view of the ring; each Request gets its body as a bytes copy): for each
+ * buffer, e.g. a view of the ring; each Request gets its body as a bytes copy, or for the
+ * cmd_ids in `zero_copy` as a read-only memoryview slice of the payload, appended to
+ * `kept` when the handler still holds it afterwards, for Python to release): for each
  * one with a sync handler it builds the Request, calls the handler and, when the result
  * is bytes that fit (or None), packs the reply into the connection's box exactly as
  * Dispatcher._answer does. It returns (pos, ran, unusual):
@@ -24,7 +26,7 @@
 
 /* What aserver/native.py expects: raise it whenever a call's signature or meaning
    changes, so a stale build is not used. */
-#define INLINE_ABI 3
+#define INLINE_ABI 4
 
 #define HEADER_SIZE 18
 
@@ -44,6 +46,11 @@ typedef struct {
     PyObject *metrics;       /* WorkerMetrics or None */
     PyObject *latency;       /* its dicts (metrics.latency, metrics.replies), or NULL */
     PyObject *replies;
+    PyObject *zero_copy;     /* frozenset of cmd_ids whose handlers take memoryview bodies */
+    PyObject *kept;          /* list: body views still held after their handler returned */
+    int fallback_zero_copy;
+    PyObject *toreadonly_name; /* "toreadonly" */
+    PyObject *release_name;  /* "release" */
     PyObject *closed_name;   /* "closed" */
     PyObject *id_name;       /* "id" */
     PyObject *observe_name;  /* "observe" */
@@ -72,14 +79,20 @@ static void put_u16(unsigned char *p, uint16_t v, int big) {
 
 static int runner_init(Runner *self, PyObject *args, PyObject *kwds) {
     static char *names[] = {"handlers", "fallback", "outbox", "new_box", "request_type", "cancelled",
-                            "big_endian", "max_body", "metrics", NULL};
+                            "big_endian", "max_body", "metrics", "zero_copy", "fallback_zero_copy", "kept", NULL};
     PyObject *handlers, *fallback, *outbox, *new_box, *request_type, *cancelled, *metrics = Py_None;
-    int big_endian;
+    PyObject *zero_copy = NULL, *kept = NULL;
+    int big_endian, fallback_zero_copy = 0;
     Py_ssize_t max_body;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OO!OOOpn|O", names, &PyDict_Type, &handlers, &fallback,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OO!OOOpn|OO!pO!", names, &PyDict_Type, &handlers, &fallback,
                                      &PyDict_Type, &outbox, &new_box, &request_type, &cancelled, &big_endian,
-                                     &max_body, &metrics))
+                                     &max_body, &metrics, &PyFrozenSet_Type, &zero_copy, &fallback_zero_copy,
+                                     &PyList_Type, &kept))
         return -1;
+    if ((zero_copy != NULL || fallback_zero_copy) && kept == NULL) {
+        PyErr_SetString(PyExc_TypeError, "zero_copy needs a kept list");
+        return -1;
+    }
     PyObject *latency = NULL, *replies = NULL; /* checked before any field changes */
     if (metrics != Py_None) {
         latency = PyObject_GetAttrString(metrics, "latency");
@@ -101,6 +114,12 @@ static int runner_init(Runner *self, PyObject *args, PyObject *kwds) {
     Py_XSETREF(self->new_box, Py_NewRef(new_box));
     Py_XSETREF(self->request_type, Py_NewRef(request_type));
     Py_XSETREF(self->cancelled, Py_NewRef(cancelled));
+    Py_XSETREF(self->zero_copy, Py_XNewRef(zero_copy));
+    Py_XSETREF(self->kept, Py_XNewRef(kept));
+    self->fallback_zero_copy = fallback_zero_copy;
+    if (self->toreadonly_name == NULL && (self->toreadonly_name = PyUnicode_InternFromString("toreadonly")) == NULL)
+        return -1;
+    if (self->release_name == NULL && (self->release_name = PyUnicode_InternFromString("release")) == NULL) return -1;
     if (self->closed_name == NULL && (self->closed_name = PyUnicode_InternFromString("closed")) == NULL) return -1;
     if (self->id_name == NULL && (self->id_name = PyUnicode_InternFromString("id")) == NULL) return -1;
     if (self->observe_name == NULL && (self->observe_name = PyUnicode_InternFromString("observe")) == NULL)
@@ -121,6 +140,8 @@ static int runner_traverse(Runner *self, visitproc visit, void *arg) {
     Py_VISIT(self->metrics);
     Py_VISIT(self->latency);
     Py_VISIT(self->replies);
+    Py_VISIT(self->zero_copy);
+    Py_VISIT(self->kept);
     return 0;
 }
 
@@ -134,6 +155,10 @@ static int runner_clear(Runner *self) {
     Py_CLEAR(self->metrics);
     Py_CLEAR(self->latency);
     Py_CLEAR(self->replies);
+    Py_CLEAR(self->zero_copy);
+    Py_CLEAR(self->kept);
+    Py_CLEAR(self->toreadonly_name);
+    Py_CLEAR(self->release_name);
     Py_CLEAR(self->closed_name);
     Py_CLEAR(self->id_name);
     Py_CLEAR(self->observe_name);
@@ -259,6 +284,46 @@ static PyObject *latency_bucket(PyObject *unused, PyObject *arg) {
     return PyLong_FromSsize_t(bucket_of(seconds));
 }
 
+/* 1 if cmd's handler takes a memoryview body, 0 if bytes, -1 on error. */
+static int wants_view(Runner *self, int cmd) {
+    if (self->zero_copy == NULL || PySet_GET_SIZE(self->zero_copy) == 0) return 0;
+    PyObject *cmd_obj = PyLong_FromLong(cmd);
+    if (cmd_obj == NULL) return -1;
+    int found = PySet_Contains(self->zero_copy, cmd_obj);
+    Py_DECREF(cmd_obj);
+    return found;
+}
+
+/* A read-only memoryview of `payload`, for the zero_copy bodies' slices: the payload
+   itself when it is one already (a ring record read in place). */
+static PyObject *readonly_view(Runner *self, PyObject *payload) {
+    if (PyMemoryView_Check(payload) && PyMemoryView_GET_BUFFER(payload)->readonly) return Py_NewRef(payload);
+    PyObject *whole = PyMemoryView_FromObject(payload);
+    if (whole == NULL || PyMemoryView_GET_BUFFER(whole)->readonly) return whole;
+    PyObject *readonly = PyObject_CallMethodNoArgs(whole, self->toreadonly_name);
+    Py_DECREF(whole);
+    return readonly;
+}
+
+/* The byte size of a reply the loop packs itself (bytes, or a flat memoryview such as a
+   zero_copy body), or -1 for anything Python answers (reply_parts). */
+static Py_ssize_t flat_size(PyObject *result) {
+    if (PyBytes_CheckExact(result)) return PyBytes_GET_SIZE(result);
+    Py_ssize_t size = -1;
+    Py_buffer buffer;
+    if (PyMemoryView_Check(result)) {
+        if (PyObject_GetBuffer(result, &buffer, PyBUF_FULL_RO) < 0) { /* released: Python says why */
+            PyErr_Clear();
+            return -1;
+        }
+        if (buffer.ndim == 1 && buffer.itemsize == 1 && PyBuffer_IsContiguous(&buffer, 'C') &&
+            buffer.format != NULL && strcmp(buffer.format, "B") == 0)
+            size = buffer.len;
+        PyBuffer_Release(&buffer);
+    }
+    return size;
+}
+
 /* (pos, ran, unusual); steals `unusual`, which is NULL after a failed build (error set). */
 static PyObject *unusual_result(Py_ssize_t pos, Py_ssize_t ran, PyObject *unusual) {
     return unusual == NULL ? NULL : Py_BuildValue("(nnN)", pos, ran, unusual);
@@ -284,6 +349,7 @@ static PyObject *runner_run(Runner *self, PyObject *const *args, Py_ssize_t narg
         Py_DECREF(conn_id);
         return NULL;
     }
+    PyObject *whole = NULL; /* a read-only memoryview of the payload, made for the first zero_copy body */
     const unsigned char *data = (const unsigned char *)view.buf;
     Py_ssize_t size = view.len;
     int big = self->big_endian;
@@ -317,19 +383,46 @@ static PyObject *runner_run(Runner *self, PyObject *const *args, Py_ssize_t narg
         }
         if (handler == Py_None) break; /* async, or no handler: a consumer task's job */
         Py_INCREF(handler);
+        int view = handler == self->fallback ? self->fallback_zero_copy : wants_view(self, cmd);
+        if (view < 0) {
+            Py_DECREF(handler);
+            goto done;
+        }
+        if (view && whole == NULL && (whole = readonly_view(self, args[1])) == NULL) {
+            Py_DECREF(handler);
+            goto done;
+        }
+        PyObject *body = view ? PySequence_GetSlice(whole, pos + HEADER_SIZE, pos + length)
+                              : PyBytes_FromStringAndSize((const char *)at + HEADER_SIZE, length - HEADER_SIZE);
         PyObject *request_args[6] = {PyLong_FromUnsignedLong(seq), PyLong_FromLong(cmd),
-                                     PyLong_FromUnsignedLong(status), PyLong_FromUnsignedLong(user),
-                                     PyBytes_FromStringAndSize((const char *)at + HEADER_SIZE, length - HEADER_SIZE),
-                                     conn};
+                                     PyLong_FromUnsignedLong(status), PyLong_FromUnsignedLong(user), body, conn};
         PyObject *request = NULL;
-        if (request_args[0] && request_args[1] && request_args[2] && request_args[3] && request_args[4])
+        if (request_args[0] && request_args[1] && request_args[2] && request_args[3] && body)
             request = PyObject_Vectorcall(self->request_type, request_args, 6, NULL);
-        for (int i = 0; i < 5; i++) Py_XDECREF(request_args[i]);
+        for (int i = 0; i < 4; i++) Py_XDECREF(request_args[i]);
         PyObject *result = NULL;
         if (request != NULL) {
             result = PyObject_CallOneArg(handler, request);
             Py_DECREF(request);
         }
+        /* A view still held (the reply, or kept by the handler) is Python's to release
+           once the replies are copied out. Appended whatever the handler did. */
+        if (view && body != NULL && Py_REFCNT(body) > 1) {
+            PyObject *saved_type, *saved_value, *saved_traceback;
+            PyErr_Fetch(&saved_type, &saved_value, &saved_traceback);
+            int failed = PyList_Append(self->kept, body) < 0;
+            if (failed) {
+                Py_XDECREF(saved_type);
+                Py_XDECREF(saved_value);
+                Py_XDECREF(saved_traceback);
+                Py_XDECREF(result);
+                Py_DECREF(body);
+                Py_DECREF(handler);
+                goto done;
+            }
+            PyErr_Restore(saved_type, saved_value, saved_traceback);
+        }
+        Py_XDECREF(body);
         pos += length;
         if (timed) {
             double finished = now();
@@ -375,7 +468,8 @@ static PyObject *runner_run(Runner *self, PyObject *const *args, Py_ssize_t narg
             closed = closed_obj != Py_False;
             Py_DECREF(closed_obj);
         }
-        if (result != Py_None && (!PyBytes_CheckExact(result) || PyBytes_GET_SIZE(result) > self->max_body || closed)) {
+        Py_ssize_t result_size = result == Py_None ? 0 : flat_size(result);
+        if (result != Py_None && (result_size < 0 || result_size > self->max_body || closed)) {
             out = unusual_result(pos, ran, Py_BuildValue("(IiIONO)", seq, (int)cmd, user, handler, result, Py_None));
             Py_DECREF(handler);
             goto done;
@@ -388,7 +482,7 @@ static PyObject *runner_run(Runner *self, PyObject *const *args, Py_ssize_t narg
         }
         Py_INCREF(box); /* ours until the end of this packet, whatever happens to the outbox */
         if (result != Py_None) {
-            Py_ssize_t reply_size = HEADER_SIZE + PyBytes_GET_SIZE(result);
+            Py_ssize_t reply_size = HEADER_SIZE + result_size;
             PyObject *header = PyBytes_FromStringAndSize(NULL, HEADER_SIZE);
             if (header == NULL) {
                 Py_DECREF(box);
@@ -420,14 +514,45 @@ static PyObject *runner_run(Runner *self, PyObject *const *args, Py_ssize_t narg
     }
     out = Py_BuildValue("(nnO)", pos, ran, Py_None);
 done:
+    Py_XDECREF(whole);
     PyBuffer_Release(&view);
     Py_DECREF(conn_id);
     return out;
 }
 
+/* release_kept() -> int: release every view in `kept` that something besides the list
+   still holds, empty the list, and return how many could not be released (a buffer of
+   them is exported). The twin of dispatcher.release_views. */
+static PyObject *runner_release_kept(Runner *self, PyObject *unused) {
+    if (self->kept == NULL) return PyLong_FromLong(0);
+    Py_ssize_t held = 0;
+    PyObject *kept = Py_NewRef(self->kept);
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(kept); i++) {
+        PyObject *view = PyList_GET_ITEM(kept, i);
+        if (Py_REFCNT(view) == 1) continue; /* the list's alone: it goes with the list */
+        Py_INCREF(view);
+        PyObject *done = PyObject_CallMethodNoArgs(view, self->release_name);
+        Py_DECREF(view);
+        if (done != NULL) {
+            Py_DECREF(done);
+        } else if (PyErr_ExceptionMatches(PyExc_BufferError)) {
+            PyErr_Clear();
+            held++;
+        } else {
+            Py_DECREF(kept);
+            return NULL;
+        }
+    }
+    int failed = PyList_SetSlice(kept, 0, PyList_GET_SIZE(kept), NULL);
+    Py_DECREF(kept);
+    return failed ? NULL : PyLong_FromSsize_t(held);
+}
+
 static PyMethodDef runner_methods[] = {
     {"run", (PyCFunction)(void (*)(void))runner_run, METH_FASTCALL,
      "run(conn, payload, pos) -> (pos, ran, unusual); see the module comment."},
+    {"release_kept", (PyCFunction)runner_release_kept, METH_NOARGS,
+     "Release the zero_copy body views still held; returns how many had a buffer exported."},
     {NULL},
 };
 

@@ -43,6 +43,19 @@ _CONNECT = object()
 _DISCONNECT = object()
 
 
+def release_views(views: list[memoryview]) -> int:
+    """Release each view and empty the list; returns how many had a buffer exported
+    (those stay as they are). The twin of the C InlineRunner.release_kept."""
+    held = 0
+    for view in views:
+        try:
+            view.release()
+        except BufferError:
+            held += 1
+    views.clear()
+    return held
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -67,6 +80,11 @@ class Dispatcher:
         }
         fallback = app.fallback_handler
         self.inline_fallback = None if fallback is None or inspect.iscoroutinefunction(fallback) else fallback
+        # cmd_ids whose handlers take memoryview bodies (App.handler's zero_copy); None
+        # stands for the fallback. Views of the ring a handler kept are released after
+        # the batch's replies are copied out (_release_kept_views).
+        self.zero_copy = frozenset(app.zero_copy) | ({None} if app.fallback_zero_copy else set())
+        self._kept_views: list[memoryview] = []
         self.codec = codec
         self._pack = codec.header.pack
         self.loop = loop
@@ -99,7 +117,8 @@ class Dispatcher:
                 handlers=self.inline_handlers, fallback=self.inline_fallback, outbox=self._outbox,
                 new_box=self._new_box, request_type=Request, cancelled=asyncio.CancelledError,
                 big_endian=self.codec.byte_order is ByteOrder.NETWORK, max_body=self.max_reply - HEADER_SIZE,
-                metrics=self.metrics,
+                metrics=self.metrics, zero_copy=frozenset(self.zero_copy - {None}),
+                fallback_zero_copy=None in self.zero_copy, kept=self._kept_views,
             )
 
     def start(self) -> None:
@@ -138,6 +157,8 @@ class Dispatcher:
         unpack = self.codec.header.unpack_from
         ready = self._ready
         fast = self._fast_inline
+        zero_copy = self.zero_copy
+        handlers = self.handlers
         added = 0
         answered = 0  # records whose requests ran inline (from their start)
         ran = 0  # requests that ran inline
@@ -165,7 +186,10 @@ class Dispatcher:
                 append = conn._jobs.append
                 while pos < size:
                     length, seq, cmd, status, user = unpack(payload, pos)
-                    append((seq, cmd, status, user, bytes(payload[pos + HEADER_SIZE : pos + length])))
+                    body = bytes(payload[pos + HEADER_SIZE : pos + length])
+                    if zero_copy and (cmd if cmd in handlers else None) in zero_copy:
+                        body = memoryview(body)
+                    append((seq, cmd, status, user, body))
                     pos += length
                     added += 1
             elif kind == records.OPENED:
@@ -186,6 +210,8 @@ class Dispatcher:
         if answered:
             self.stats["requests"] += ran
             self._flush()  # the end of the batch: the inline replies go out now
+            if self._kept_views:
+                self._release_kept_views()
         if added:
             self.pending += added
             self.stats["requests"] += added
@@ -213,6 +239,9 @@ class Dispatcher:
         unpack = self.codec.header.unpack_from
         inline = self.inline_handlers
         fallback = self.inline_fallback
+        zero_copy = self.zero_copy
+        kept = self._kept_views
+        whole = memoryview(payload)  # zero_copy bodies: views, released as the C loop's are
         metrics = self.metrics
         answer = self._answer
         pos = 0
@@ -225,8 +254,13 @@ class Dispatcher:
             if handler is None:
                 break
             error = None
+            if zero_copy and (cmd if cmd in inline else None) in zero_copy:
+                body = whole[pos + HEADER_SIZE : pos + length]
+                kept.append(body)
+            else:
+                body = payload[pos + HEADER_SIZE : pos + length]
             try:
-                result = handler(Request(seq, cmd, status, user, payload[pos + HEADER_SIZE : pos + length], conn))
+                result = handler(Request(seq, cmd, status, user, body, conn))
             except (Exception, asyncio.CancelledError) as exc:  # nothing of ours to cancel here
                 result, error = None, exc
             if metrics is not None:
@@ -240,6 +274,17 @@ class Dispatcher:
             pos += length
             count += 1
         return pos, count
+
+    def _release_kept_views(self) -> None:
+        """Release the zero_copy bodies a handler still held after it returned, now that
+        the replies (which may be those views) are copied out: a later use raises
+        rather than reads ring space that is being reused."""
+        fast = self._fast_inline
+        held = fast.release_kept() if fast is not None else release_views(self._kept_views)
+        if held:  # something holds a buffer of them (numpy, say): they cannot be released
+            self.stats["zero_copy_views_held"] += held
+            log.warning("a zero_copy handler kept a buffer of request.body after it returned (%d); "
+                        "it now reads reused ring memory: copy with bytes() what must be kept", held)
 
     def _answer_unusual(self, conn: Connection, seq: int, cmd: int, user: int, handler: Callable,
                         result: object, exc: BaseException | None) -> None:
