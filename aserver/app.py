@@ -160,16 +160,20 @@ class App:
         itself when reply order allows (else a worker runs it); there
         `request.connection` has only `id` and `peer`.
 
-        With `zero_copy=True` `request.body` is a read-only memoryview. A sync handler's is
-        a view of the shared-memory ring the conn process read the request into: no
-        copy, which saves about a tenth of a 16 KiB request's cost (perf/README.md).
-        It is valid only until the handler returns: the ring space is reused after
-        that, and the view (if the handler kept it) is released, so a later use raises
-        ValueError. Keep what you need as bytes, `bytes(request.body[:8])`: a slice or
-        memoryview taken of it is not released and would read reused memory. Returning
-        the view or a slice of it is fine: the reply is copied before the space is
-        reused. An async handler, or a sync one whose connection had a request waiting,
-        gets a view of a copy of its own."""
+        With `zero_copy=True` `request.body` is a read-only memoryview. A sync handler
+        run as its request is read gets a view of the shared-memory ring record (the
+        pure-Python loop: of its own copy of the record), so the worker copies the
+        body once fewer (perf/README.md). It is valid only until the handler returns:
+        the ring space is reused then, and the view is released if the handler kept
+        it, so a later use raises ValueError. A slice or memoryview made from it is not
+        released, nor is the view while something holds a buffer of it (numpy,
+        struct.iter_unpack, a msgspec.Raw field; counted as zero_copy_views_held and
+        logged): those would read reused memory. Keep what you need as bytes,
+        `bytes(request.body[:8])`. Returning the view or a slice of it (also in a
+        Reply, or through request.connection.send) is fine: replies are copied out
+        before the space is reused. A request that had to wait (an async handler, or
+        its connection was busy) gets a view of a copy of its own; do not rely on
+        that lasting either."""
         if not isinstance(cmd_id, int) or not 0 <= cmd_id <= 0xFFFF:
             raise ValueError(f"cmd_id must be an integer in 0-65535, got {cmd_id!r}")
 

@@ -572,3 +572,106 @@ def test_an_included_app_keeps_its_zero_copy_handlers():
     merged = App()
     merged.include(app)
     assert (merged.zero_copy, merged.fallback_zero_copy) == ({1}, True)
+
+
+async def test_a_zero_copy_handler_that_raises_after_keeping_its_body():
+    app = App()
+    kept = []
+
+    @app.handler(1, zero_copy=True)
+    def keep_and_fail(request):
+        kept.append(request.body)
+        raise RuntimeError("after keeping it")
+
+    d, sender = make(app)
+    d.on_records([(records.PACKETS, CONN_A, bytearray(run((1, 1, b"kept"), (2, 1, b"too"))))])
+    replies, acks = replies_and_acks(sender, CONN_A)
+    assert [(seq, status) for seq, status, _ in replies] == [(1, Status.HANDLER_ERROR), (2, Status.HANDLER_ERROR)]
+    assert acks == 2 and len(kept) == 2
+    for view in kept:
+        with pytest.raises(ValueError, match="released"):
+            bytes(view)
+
+
+async def test_memoryview_replies_too_big_or_for_a_closed_connection():
+    """The C loop packs a memoryview reply itself: the same checks as for bytes."""
+    app = App()
+
+    @app.handler(1, zero_copy=True)
+    def too_big(request):
+        return memoryview(bytearray(FakeSender.max_payload))
+
+    @app.handler(2, zero_copy=True)
+    def closes(request):
+        request.connection.close()
+        return request.body
+
+    d, sender = make(app)
+    d.on_records([(records.PACKETS, CONN_A, bytearray(run((1, 1, b"a"), (2, 1, b"b"))))])
+    d.on_records([(records.PACKETS, CONN_B, bytearray(run((1, 2, b"late"))))])
+    replies, acks = replies_and_acks(sender, CONN_A)
+    assert [(seq, status, bytes(body)) for seq, status, body in replies] == [
+        (1, Status.HANDLER_ERROR, b""), (2, Status.HANDLER_ERROR, b"")]
+    assert acks == 2
+    assert next(kind for kind, conn_id, _ in sender.sent if conn_id == CONN_B) == records.CLOSE
+    assert replies_and_acks(sender, CONN_B) == ([], 1)
+
+
+async def test_a_queued_request_for_a_zero_copy_fallback_gets_a_memoryview():
+    app = App()
+    bodies = []
+
+    @app.handler(4)
+    async def slow(request):
+        await asyncio.sleep(0.01)
+        return request.body
+
+    @app.fallback(zero_copy=True)
+    def catch_all(request):
+        bodies.append(type(request.body))
+        return request.body
+
+    d, sender = make(app)
+    d.on_records([(records.PACKETS, CONN_A, bytearray(run((1, 4, b"slow"), (2, 9, b"queued"))))])
+    await asyncio.sleep(0.05)
+    d._flush()
+    assert [bytes(body) for _, _, body in replies_and_acks(sender, CONN_A)[0]] == [b"slow", b"queued"]
+    assert bodies == [memoryview]
+
+
+async def test_one_function_as_a_bytes_handler_and_a_zero_copy_fallback():
+    """Whether a body is a view goes by the cmd_id's registration, not by the function."""
+    app = App()
+    bodies = []
+
+    def record(request):
+        bodies.append((request.cmd_id, type(request.body)))
+        return request.body
+
+    app.handler(1)(record)
+    app.fallback(zero_copy=True)(record)
+    d, sender = make(app)
+    d.on_records([(records.PACKETS, CONN_A, bytearray(run((1, 1, b"own"), (2, 9, b"any"))))])
+    assert bodies == [(1, bytes), (9, memoryview)]
+    assert [bytes(body) for _, _, body in replies_and_acks(sender, CONN_A)[0]] == [b"own", b"any"]
+
+
+async def test_replies_that_are_ring_views_go_out_before_a_failed_batch_returns():
+    """A handler's KeyboardInterrupt after a zero_copy echo ends the batch; the echo's
+    reply (a view of the record) is copied out before the record's space can be reused."""
+    app = App()
+    app.handler(1, zero_copy=True)(echo)
+
+    @app.handler(2)
+    def interrupted(request):
+        raise KeyboardInterrupt
+
+    payload = bytearray(run((1, 1, b"original"), (2, 2, b"")))
+    d, sender = make(app)
+    with pytest.raises(KeyboardInterrupt):
+        d.on_records([(records.PACKETS, CONN_A, payload)])
+    payload[:] = bytes(len(payload))  # the ring space, reused
+    await settle()
+    replies, acks = replies_and_acks(sender, CONN_A)
+    assert [(seq, bytes(body)) for seq, _, body in replies] == [(1, b"original")] and acks == 1
+    assert d._kept_views == []

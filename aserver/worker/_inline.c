@@ -377,22 +377,23 @@ static PyObject *runner_run(Runner *self, PyObject *const *args, Py_ssize_t narg
         if (cmd_obj == NULL) goto done;
         PyObject *handler = PyDict_GetItemWithError(self->handlers, cmd_obj); /* borrowed */
         Py_DECREF(cmd_obj);
+        int want_view = handler != NULL;  /* for now: whether cmd has a handler of its own */
         if (handler == NULL) {
             if (PyErr_Occurred()) goto done;
             handler = self->fallback;
         }
         if (handler == Py_None) break; /* async, or no handler: a consumer task's job */
         Py_INCREF(handler);
-        int view = handler == self->fallback ? self->fallback_zero_copy : wants_view(self, cmd);
-        if (view < 0) {
+        want_view = want_view ? wants_view(self, cmd) : self->fallback_zero_copy;
+        if (want_view < 0) {
             Py_DECREF(handler);
             goto done;
         }
-        if (view && whole == NULL && (whole = readonly_view(self, args[1])) == NULL) {
+        if (want_view && whole == NULL && (whole = readonly_view(self, args[1])) == NULL) {
             Py_DECREF(handler);
             goto done;
         }
-        PyObject *body = view ? PySequence_GetSlice(whole, pos + HEADER_SIZE, pos + length)
+        PyObject *body = want_view ? PySequence_GetSlice(whole, pos + HEADER_SIZE, pos + length)
                               : PyBytes_FromStringAndSize((const char *)at + HEADER_SIZE, length - HEADER_SIZE);
         PyObject *request_args[6] = {PyLong_FromUnsignedLong(seq), PyLong_FromLong(cmd),
                                      PyLong_FromUnsignedLong(status), PyLong_FromUnsignedLong(user), body, conn};
@@ -407,7 +408,7 @@ static PyObject *runner_run(Runner *self, PyObject *const *args, Py_ssize_t narg
         }
         /* A view still held (the reply, or kept by the handler) is Python's to release
            once the replies are copied out. Appended whatever the handler did. */
-        if (view && body != NULL && Py_REFCNT(body) > 1) {
+        if (want_view && body != NULL && Py_REFCNT(body) > 1) {
             PyObject *saved_type, *saved_value, *saved_traceback;
             PyErr_Fetch(&saved_type, &saved_value, &saved_traceback);
             int failed = PyList_Append(self->kept, body) < 0;

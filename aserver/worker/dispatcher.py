@@ -153,6 +153,25 @@ class Dispatcher:
     # Intake ---------------------------------------------------------------------------
 
     def on_records(self, batch: list[tuple[int, int, bytes | memoryview]]) -> None:
+        try:
+            ran, added = self._take_records(batch)
+        finally:
+            # The end of the batch: the inline replies go out now, and must, even after an
+            # exception: they may be views of the ring, whose space goes when this returns.
+            if self._outbox:
+                self._flush()
+            if self._kept_views:
+                self._release_kept_views()
+        if ran or added:
+            self.stats["requests"] += ran + added
+        if added:
+            self.pending += added
+            self._idle.clear()
+            if self.pending >= self.max_pending:
+                self._pause_intake()
+
+    def _take_records(self, batch: list[tuple[int, int, bytes | memoryview]]) -> tuple[int, int]:
+        """Run what may run inline, queue the rest; returns (requests run, queued)."""
         connections = self.connections
         unpack = self.codec.header.unpack_from
         ready = self._ready
@@ -160,7 +179,6 @@ class Dispatcher:
         zero_copy = self.zero_copy
         handlers = self.handlers
         added = 0
-        answered = 0  # records whose requests ran inline (from their start)
         ran = 0  # requests that ran inline
         for kind, conn_id, payload in batch:
             conn = connections.get(conn_id)
@@ -176,7 +194,6 @@ class Dispatcher:
                     else:
                         pos, count = self._run_inline(conn, payload)
                     ran += count
-                    answered += 1
                 size = len(payload)
                 if pos == size:
                     continue
@@ -207,17 +224,7 @@ class Dispatcher:
             if not conn._scheduled:
                 conn._scheduled = True
                 ready.put_nowait(conn)
-        if answered:
-            self.stats["requests"] += ran
-            self._flush()  # the end of the batch: the inline replies go out now
-            if self._kept_views:
-                self._release_kept_views()
-        if added:
-            self.pending += added
-            self.stats["requests"] += added
-            self._idle.clear()
-            if self.pending >= self.max_pending:
-                self._pause_intake()
+        return ran, added
 
     def _run_after_unusual(self, conn: Connection, payload: bytes | memoryview, pos: int, count: int,
                            unusual: tuple) -> tuple[int, int]:
