@@ -675,3 +675,49 @@ async def test_replies_that_are_ring_views_go_out_before_a_failed_batch_returns(
     replies, acks = replies_and_acks(sender, CONN_A)
     assert [(seq, bytes(body)) for seq, _, body in replies] == [(1, b"original")] and acks == 1
     assert d._kept_views == []
+
+
+@pytest.mark.parametrize("make_payload", [
+    bytes, bytearray,
+    lambda data: memoryview(bytearray(data)).toreadonly(),  # a ring record read in place is one
+    lambda data: memoryview(bytearray(data)),
+    lambda data: array.array("H", data),  # a buffer of another format
+], ids=["bytes", "bytearray", "read-only view", "writable view", "u16 array"])
+async def test_zero_copy_bodies_of_any_payload_buffer(make_payload):
+    app = App()
+    seen = []
+
+    @app.handler(1, zero_copy=True)
+    def view_echo(request):
+        seen.append((request.body.readonly, request.body.format, len(request.body)))
+        return request.body[1:]
+
+    packets = [(1, 1, b"ab"), (2, 1, b"cdef"), (3, 1, b"")]
+    payload = make_payload(run(*packets))
+    d, sender = make(app)
+    d.on_records([(records.PACKETS, CONN_A, payload)])
+    assert [(seq, bytes(body)) for seq, _, body in replies_and_acks(sender, CONN_A)[0]] == [
+        (seq, body[1:]) for seq, _, body in packets]
+    assert seen == [(True, "B", len(body)) for _, _, body in packets]
+
+
+async def test_a_batch_holding_many_zero_copy_views_sends_their_replies_early(monkeypatch):
+    """Past KEPT_VIEWS_LIMIT views held in one batch, the replies so far are copied out
+    and the views released before the next record runs (the garbage collector would
+    otherwise walk them all, every batch)."""
+    monkeypatch.setattr(dispatcher_module, "KEPT_VIEWS_LIMIT", 2)
+    app = App()
+    sent_before = []
+
+    @app.handler(1, zero_copy=True)
+    def view_echo(request):
+        sent_before.append(len(sender.sent))
+        return request.body
+
+    d, sender = make(app)
+    batch = [(records.PACKETS, conn_id, bytearray(run((1, 1, b"%d" % conn_id)))) for conn_id in (1, 2, 3, 4, 5)]
+    d.on_records(batch)
+    assert sent_before == [0, 0, 2, 2, 4]
+    for conn_id in (1, 2, 3, 4, 5):
+        assert [bytes(body) for _, _, body in replies_and_acks(sender, conn_id)[0]] == [b"%d" % conn_id]
+    assert d._kept_views == []

@@ -294,15 +294,38 @@ static int wants_view(Runner *self, int cmd) {
     return found;
 }
 
-/* A read-only memoryview of `payload`, for the zero_copy bodies' slices: the payload
-   itself when it is one already (a ring record read in place). */
+/* Whether a buffer is one flat run of bytes (format "B"), as sub_view needs. */
+static int is_flat(const Py_buffer *buffer) {
+    return buffer->ndim == 1 && buffer->itemsize == 1 && buffer->shape != NULL &&
+           (buffer->strides == NULL || buffer->strides[0] == 1) && buffer->format != NULL &&
+           strcmp(buffer->format, "B") == 0;
+}
+
+/* A flat read-only memoryview of `payload`, for the zero_copy bodies' sub_views: the
+   payload itself when it is one already (a ring record read in place). */
 static PyObject *readonly_view(Runner *self, PyObject *payload) {
-    if (PyMemoryView_Check(payload) && PyMemoryView_GET_BUFFER(payload)->readonly) return Py_NewRef(payload);
+    if (PyMemoryView_Check(payload) && PyMemoryView_GET_BUFFER(payload)->readonly &&
+        is_flat(PyMemoryView_GET_BUFFER(payload)))
+        return Py_NewRef(payload);
     PyObject *whole = PyMemoryView_FromObject(payload);
-    if (whole == NULL || PyMemoryView_GET_BUFFER(whole)->readonly) return whole;
-    PyObject *readonly = PyObject_CallMethodNoArgs(whole, self->toreadonly_name);
-    Py_DECREF(whole);
-    return readonly;
+    if (whole != NULL && !is_flat(PyMemoryView_GET_BUFFER(whole))) /* any other C-contiguous buffer */
+        Py_SETREF(whole, PyObject_CallMethod(whole, "cast", "s", "B"));
+    if (whole != NULL && !PyMemoryView_GET_BUFFER(whole)->readonly)
+        Py_SETREF(whole, PyObject_CallMethodNoArgs(whole, self->toreadonly_name));
+    return whole;
+}
+
+/* whole[start:start + size] for a flat view `whole`, what slicing makes
+   (memory_subscript: a view of the same managed buffer, its start and length moved)
+   without a slice object and its index conversions. */
+static PyObject *sub_view(PyObject *whole, Py_ssize_t start, Py_ssize_t size) {
+    PyObject *view = PyMemoryView_FromObject(whole);
+    if (view == NULL) return NULL;
+    Py_buffer *buffer = PyMemoryView_GET_BUFFER(view);
+    buffer->buf = (char *)buffer->buf + start;
+    buffer->len = size;
+    buffer->shape[0] = size;
+    return view;
 }
 
 /* The byte size of a reply the loop packs itself (bytes, or a flat memoryview such as a
@@ -316,9 +339,7 @@ static Py_ssize_t flat_size(PyObject *result) {
             PyErr_Clear();
             return -1;
         }
-        if (buffer.ndim == 1 && buffer.itemsize == 1 && PyBuffer_IsContiguous(&buffer, 'C') &&
-            buffer.format != NULL && strcmp(buffer.format, "B") == 0)
-            size = buffer.len;
+        if (is_flat(&buffer)) size = buffer.len;
         PyBuffer_Release(&buffer);
     }
     return size;
@@ -393,8 +414,8 @@ static PyObject *runner_run(Runner *self, PyObject *const *args, Py_ssize_t narg
             Py_DECREF(handler);
             goto done;
         }
-        PyObject *body = want_view ? PySequence_GetSlice(whole, pos + HEADER_SIZE, pos + length)
-                              : PyBytes_FromStringAndSize((const char *)at + HEADER_SIZE, length - HEADER_SIZE);
+        PyObject *body = want_view ? sub_view(whole, pos + HEADER_SIZE, length - HEADER_SIZE)
+                                   : PyBytes_FromStringAndSize((const char *)at + HEADER_SIZE, length - HEADER_SIZE);
         PyObject *request_args[6] = {PyLong_FromUnsignedLong(seq), PyLong_FromLong(cmd),
                                      PyLong_FromUnsignedLong(status), PyLong_FromUnsignedLong(user), body, conn};
         PyObject *request = NULL;

@@ -39,6 +39,11 @@ log = logging.getLogger("aserver.worker")
 _c_inline = native("aserver.worker._inline")
 
 
+# zero_copy body views held until their replies are copied out: past this many in a batch
+# the replies go out early. Hundreds of live views each batch made the garbage collector
+# run every batch (its first threshold is 700 objects): a third more per request at 50 x 16.
+KEPT_VIEWS_LIMIT = 256
+
 _CONNECT = object()
 _DISCONNECT = object()
 
@@ -178,6 +183,7 @@ class Dispatcher:
         fast = self._fast_inline
         zero_copy = self.zero_copy
         handlers = self.handlers
+        kept = self._kept_views
         added = 0
         ran = 0  # requests that ran inline
         for kind, conn_id, payload in batch:
@@ -194,6 +200,9 @@ class Dispatcher:
                     else:
                         pos, count = self._run_inline(conn, payload)
                     ran += count
+                    if len(kept) >= KEPT_VIEWS_LIMIT:
+                        self._flush()
+                        self._release_kept_views()
                 size = len(payload)
                 if pos == size:
                     continue
