@@ -682,7 +682,9 @@ async def test_replies_that_are_ring_views_go_out_before_a_failed_batch_returns(
     lambda data: memoryview(bytearray(data)).toreadonly(),  # a ring record read in place is one
     lambda data: memoryview(bytearray(data)),
     lambda data: array.array("H", data),  # a buffer of another format
-], ids=["bytes", "bytearray", "read-only view", "writable view", "u16 array"])
+    lambda data: memoryview(array.array("H", data)).toreadonly(),  # read-only, yet not flat bytes
+    lambda data: memoryview(bytes(data)).cast("B", (2, len(data) // 2)),  # read-only, 2-D
+], ids=["bytes", "bytearray", "read-only view", "writable view", "u16 array", "read-only u16 view", "2-D view"])
 async def test_zero_copy_bodies_of_any_payload_buffer(make_payload):
     app = App()
     seen = []
@@ -721,3 +723,66 @@ async def test_a_batch_holding_many_zero_copy_views_sends_their_replies_early(mo
     for conn_id in (1, 2, 3, 4, 5):
         assert [bytes(body) for _, _, body in replies_and_acks(sender, conn_id)[0]] == [b"%d" % conn_id]
     assert d._kept_views == []
+
+
+async def test_kept_views_are_released_even_when_copying_the_replies_out_fails():
+    app = App()
+    kept = []
+
+    @app.handler(1, zero_copy=True)
+    def keep(request):
+        kept.append(request.body)
+        return b"ok"
+
+    @app.handler(2)
+    def send_then_release(request):
+        view = memoryview(b"gone")
+        request.connection.send(2, view)
+        view.release()  # its reply can no longer be copied out: the flush raises
+        return None
+
+    d, sender = make(app)
+    with pytest.raises(TypeError):  # what b"".join says of a released view
+        d.on_records([(records.PACKETS, CONN_A, bytearray(run((1, 1, b"kept")))),
+                      (records.PACKETS, CONN_B, bytearray(run((1, 2, b""))))])
+    with pytest.raises(ValueError, match="released"):
+        bytes(kept[0])
+    assert d._kept_views == []
+    assert [bytes(body) for _, _, body in replies_and_acks(sender, CONN_A)[0]] == [b"ok"]
+
+
+async def test_requests_queued_before_a_failed_record_are_counted():
+    """A handler's KeyboardInterrupt ends the batch; the request queued before it still
+    counts as pending, so the worker becomes idle once it is answered."""
+    app = App()
+
+    @app.handler(4)
+    async def slow(request):
+        await asyncio.sleep(0.01)
+        return request.body
+
+    @app.handler(2)
+    def interrupted(request):
+        raise KeyboardInterrupt
+
+    d, sender = make(app)
+    d.on_records([(records.PACKETS, CONN_A, run((1, 4, b"first")))])
+    with pytest.raises(KeyboardInterrupt):
+        d.on_records([(records.PACKETS, CONN_A, run((2, 4, b"queued"))), (records.PACKETS, CONN_B, run((1, 2, b"")))])
+    assert (d.pending, d.stats["requests"]) == (2, 2)
+    assert await d.finish(2)
+    assert d.pending == 0
+    assert [bytes(body) for _, _, body in replies_and_acks(sender, CONN_A)[0]] == [b"first", b"queued"]
+
+
+async def test_an_early_flush_keeps_reply_order_on_a_connection(monkeypatch):
+    monkeypatch.setattr(dispatcher_module, "KEPT_VIEWS_LIMIT", 2)
+    app = App()
+    app.handler(1, zero_copy=True)(echo)
+    d, sender = make(app)
+    d.on_records([(records.PACKETS, CONN_A, bytearray(run((1, 1, b"a1"), (2, 1, b"a2")))),
+                  (records.PACKETS, CONN_B, bytearray(run((1, 1, b"b1")))),
+                  (records.PACKETS, CONN_A, bytearray(run((3, 1, b"a3"))))])
+    assert [(seq, bytes(body)) for seq, _, body in replies_and_acks(sender, CONN_A)[0]] == [
+        (1, b"a1"), (2, b"a2"), (3, b"a3")]
+    assert replies_and_acks(sender, CONN_A)[1] == 3

@@ -296,7 +296,7 @@ static int wants_view(Runner *self, int cmd) {
 
 /* Whether a buffer is one flat run of bytes (format "B"), as sub_view needs. */
 static int is_flat(const Py_buffer *buffer) {
-    return buffer->ndim == 1 && buffer->itemsize == 1 && buffer->shape != NULL &&
+    return buffer->ndim == 1 && buffer->itemsize == 1 && buffer->shape != NULL && buffer->suboffsets == NULL &&
            (buffer->strides == NULL || buffer->strides[0] == 1) && buffer->format != NULL &&
            strcmp(buffer->format, "B") == 0;
 }

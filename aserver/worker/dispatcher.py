@@ -158,25 +158,31 @@ class Dispatcher:
     # Intake ---------------------------------------------------------------------------
 
     def on_records(self, batch: list[tuple[int, int, bytes | memoryview]]) -> None:
+        taken = [0, 0]  # requests run inline, requests queued: current even if a record fails
         try:
-            ran, added = self._take_records(batch)
+            self._take_records(batch, taken)
         finally:
             # The end of the batch: the inline replies go out now, and must, even after an
             # exception: they may be views of the ring, whose space goes when this returns.
-            if self._outbox:
-                self._flush()
-            if self._kept_views:
-                self._release_kept_views()
-        if ran or added:
-            self.stats["requests"] += ran + added
-        if added:
-            self.pending += added
+            try:
+                if self._outbox:
+                    self._flush()
+            finally:
+                if self._kept_views:
+                    self._release_kept_views()
+                self._count_taken(*taken)
+
+    def _count_taken(self, ran: int, queued: int) -> None:
+        if ran or queued:
+            self.stats["requests"] += ran + queued
+        if queued:
+            self.pending += queued
             self._idle.clear()
             if self.pending >= self.max_pending:
                 self._pause_intake()
 
-    def _take_records(self, batch: list[tuple[int, int, bytes | memoryview]]) -> tuple[int, int]:
-        """Run what may run inline, queue the rest; returns (requests run, queued)."""
+    def _take_records(self, batch: list[tuple[int, int, bytes | memoryview]], taken: list[int]) -> None:
+        """Run what may run inline and queue the rest, counting both in `taken`."""
         connections = self.connections
         unpack = self.codec.header.unpack_from
         ready = self._ready
@@ -184,8 +190,6 @@ class Dispatcher:
         zero_copy = self.zero_copy
         handlers = self.handlers
         kept = self._kept_views
-        added = 0
-        ran = 0  # requests that ran inline
         for kind, conn_id, payload in batch:
             conn = connections.get(conn_id)
             if kind == records.PACKETS:
@@ -199,7 +203,7 @@ class Dispatcher:
                             pos, count = self._run_after_unusual(conn, payload, pos, count, unusual)
                     else:
                         pos, count = self._run_inline(conn, payload)
-                    ran += count
+                    taken[0] += count
                     if len(kept) >= KEPT_VIEWS_LIMIT:
                         self._flush()
                         self._release_kept_views()
@@ -217,7 +221,7 @@ class Dispatcher:
                         body = memoryview(body)
                     append((seq, cmd, status, user, body))
                     pos += length
-                    added += 1
+                    taken[1] += 1
             elif kind == records.OPENED:
                 host, port = msgspec.msgpack.decode(payload)
                 conn = self._adopt(conn_id, (host, port))
@@ -233,7 +237,6 @@ class Dispatcher:
             if not conn._scheduled:
                 conn._scheduled = True
                 ready.put_nowait(conn)
-        return ran, added
 
     def _run_after_unusual(self, conn: Connection, payload: bytes | memoryview, pos: int, count: int,
                            unusual: tuple) -> tuple[int, int]:
