@@ -95,6 +95,10 @@ def replies_and_acks(sender, conn_id):
     return out, acks
 
 
+def reply_bodies(sender, conn_id):
+    return [bytes(body) for _, _, body in replies_and_acks(sender, conn_id)[0]]
+
+
 async def settle():
     for _ in range(20):
         await asyncio.sleep(0)
@@ -465,7 +469,7 @@ async def test_a_zero_copy_body_kept_past_its_handler_is_released():
 
     d, sender = make(app)
     d.on_records([(records.PACKETS, CONN_A, bytearray(run((1, 1, b"keep me"))))])
-    assert [bytes(body) for _, _, body in replies_and_acks(sender, CONN_A)[0]] == [b"keep me"]
+    assert reply_bodies(sender, CONN_A) == [b"keep me"]
     for view in (kept[0], kept[1].body):
         with pytest.raises(ValueError, match="released"):
             bytes(view)
@@ -485,7 +489,7 @@ async def test_a_zero_copy_body_with_a_buffer_still_exported_is_counted_and_logg
 
     d, sender = make(app)
     d.on_records([(records.PACKETS, CONN_A, bytearray(run((1, 1, b"ab"), (2, 1, b"cd"))))])
-    assert [bytes(body) for _, _, body in replies_and_acks(sender, CONN_A)[0]] == [b"ok", b"ok"]
+    assert reply_bodies(sender, CONN_A) == [b"ok", b"ok"]
     assert d.stats["zero_copy_views_held"] == 2
     assert [r.getMessage() for r in caplog.records if "kept a buffer of request.body" in r.getMessage()] == [
         "a zero_copy handler kept a buffer of request.body after it returned (2); "
@@ -531,7 +535,7 @@ async def test_a_queued_zero_copy_request_gets_a_view_of_its_own_copy():
     d.on_records([(records.PACKETS, CONN_A, bytearray(run((1, 4, b"slow"), (2, 1, b"queued"))))])
     await asyncio.sleep(0.05)
     d._flush()
-    assert [bytes(body) for _, _, body in replies_and_acks(sender, CONN_A)[0]] == [b"slow", b"queued"]
+    assert reply_bodies(sender, CONN_A) == [b"slow", b"queued"]
     assert type(kept[0]) is memoryview and kept[0].readonly and bytes(kept[0]) == b"queued"
 
 
@@ -551,7 +555,7 @@ async def test_a_zero_copy_fallback(zero_copy):
     app.handler(1)(echo)
     d, sender = make(app)
     d.on_records([(records.PACKETS, CONN_A, bytearray(run((1, 7, b"any"), (2, 1, b"own"))))])
-    assert [bytes(body) for _, _, body in replies_and_acks(sender, CONN_A)[0]] == [b"any", b"own"]
+    assert reply_bodies(sender, CONN_A) == [b"any", b"own"]
     assert bodies == [memoryview if zero_copy else bytes]
 
 
@@ -635,7 +639,7 @@ async def test_a_queued_request_for_a_zero_copy_fallback_gets_a_memoryview():
     d.on_records([(records.PACKETS, CONN_A, bytearray(run((1, 4, b"slow"), (2, 9, b"queued"))))])
     await asyncio.sleep(0.05)
     d._flush()
-    assert [bytes(body) for _, _, body in replies_and_acks(sender, CONN_A)[0]] == [b"slow", b"queued"]
+    assert reply_bodies(sender, CONN_A) == [b"slow", b"queued"]
     assert bodies == [memoryview]
 
 
@@ -653,7 +657,7 @@ async def test_one_function_as_a_bytes_handler_and_a_zero_copy_fallback():
     d, sender = make(app)
     d.on_records([(records.PACKETS, CONN_A, bytearray(run((1, 1, b"own"), (2, 9, b"any"))))])
     assert bodies == [(1, bytes), (9, memoryview)]
-    assert [bytes(body) for _, _, body in replies_and_acks(sender, CONN_A)[0]] == [b"own", b"any"]
+    assert reply_bodies(sender, CONN_A) == [b"own", b"any"]
 
 
 async def test_replies_that_are_ring_views_go_out_before_a_failed_batch_returns():
@@ -721,7 +725,7 @@ async def test_a_batch_holding_many_zero_copy_views_sends_their_replies_early(mo
     d.on_records(batch)
     assert sent_before == [0, 0, 2, 2, 4]
     for conn_id in (1, 2, 3, 4, 5):
-        assert [bytes(body) for _, _, body in replies_and_acks(sender, conn_id)[0]] == [b"%d" % conn_id]
+        assert reply_bodies(sender, conn_id) == [b"%d" % conn_id]
     assert d._kept_views == []
 
 
@@ -748,7 +752,7 @@ async def test_kept_views_are_released_even_when_copying_the_replies_out_fails()
     with pytest.raises(ValueError, match="released"):
         bytes(kept[0])
     assert d._kept_views == []
-    assert [bytes(body) for _, _, body in replies_and_acks(sender, CONN_A)[0]] == [b"ok"]
+    assert reply_bodies(sender, CONN_A) == [b"ok"]
 
 
 async def test_requests_queued_before_a_failed_record_are_counted():
@@ -772,7 +776,7 @@ async def test_requests_queued_before_a_failed_record_are_counted():
     assert (d.pending, d.stats["requests"]) == (2, 2)
     assert await d.finish(2)
     assert d.pending == 0
-    assert [bytes(body) for _, _, body in replies_and_acks(sender, CONN_A)[0]] == [b"first", b"queued"]
+    assert reply_bodies(sender, CONN_A) == [b"first", b"queued"]
 
 
 async def test_an_early_flush_keeps_reply_order_on_a_connection(monkeypatch):

@@ -427,18 +427,25 @@ static PyObject *runner_run(Runner *self, PyObject *const *args, Py_ssize_t narg
             result = PyObject_CallOneArg(handler, request);
             Py_DECREF(request);
         }
-        /* A view still held (the reply, or kept by the handler) is Python's to release
-           once the replies are copied out. Appended whatever the handler did. */
-        if (want_view && body != NULL && Py_REFCNT(body) > 1) {
+        /* Bookkeeping that keeps the handler's exception, if it raised, for below: a
+           view still held (the reply, or kept by the handler) goes to `kept`, Python's
+           to release once the replies are copied out; and the request's latency. */
+        int held = want_view && body != NULL && Py_REFCNT(body) > 1;
+        if (held || timed) {
             PyObject *saved_type, *saved_value, *saved_traceback;
             PyErr_Fetch(&saved_type, &saved_value, &saved_traceback);
-            int failed = PyList_Append(self->kept, body) < 0;
+            int failed = held && PyList_Append(self->kept, body) < 0;
+            if (!failed && timed) {
+                double finished = now();
+                failed = observe(self, cmd, finished - started) < 0;
+                started = finished;
+            }
             if (failed) {
                 Py_XDECREF(saved_type);
                 Py_XDECREF(saved_value);
                 Py_XDECREF(saved_traceback);
                 Py_XDECREF(result);
-                Py_DECREF(body);
+                Py_XDECREF(body);
                 Py_DECREF(handler);
                 goto done;
             }
@@ -446,22 +453,6 @@ static PyObject *runner_run(Runner *self, PyObject *const *args, Py_ssize_t narg
         }
         Py_XDECREF(body);
         pos += length;
-        if (timed) {
-            double finished = now();
-            PyObject *saved_type, *saved_value, *saved_traceback;
-            PyErr_Fetch(&saved_type, &saved_value, &saved_traceback); /* the handler's, if it raised */
-            int failed = observe(self, cmd, finished - started);
-            started = finished;
-            if (failed) {
-                Py_XDECREF(saved_type);
-                Py_XDECREF(saved_value);
-                Py_XDECREF(saved_traceback);
-                Py_XDECREF(result);
-                Py_DECREF(handler);
-                goto done;
-            }
-            PyErr_Restore(saved_type, saved_value, saved_traceback);
-        }
         if (result == NULL) { /* the Request could not be built (MemoryError), or the handler raised */
             /* Exception and CancelledError are the handler's failure: Python answers
                them. Anything else (KeyboardInterrupt, SystemExit) propagates. */
