@@ -88,9 +88,13 @@ class Request(msgspec.Struct, eq=False):
         return self.connection.peer
 
     def __repr__(self) -> str:
+        try:
+            body = f"{len(self.body)} bytes"
+        except ValueError:  # a zero_copy body, released once its handler returned
+            body = "released"
         return (
             f"Request(cmd_id={self.cmd_id}, seq_num={self.seq_num}, user_id={self.user_id}, "
-            f"body={len(self.body)} bytes, connection={self.connection.id:#x})"
+            f"body={body}, connection={self.connection.id:#x})"
         )
 
 

@@ -474,6 +474,7 @@ async def test_a_zero_copy_body_kept_past_its_handler_is_released():
         with pytest.raises(ValueError, match="released"):
             bytes(view)
     assert d._kept_views == []
+    assert repr(kept[1]) == f"Request(cmd_id=1, seq_num=1, user_id=0, body=released, connection={CONN_A:#x})"
 
 
 async def test_a_zero_copy_body_with_a_buffer_still_exported_is_counted_and_logged(caplog):
