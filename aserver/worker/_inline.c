@@ -215,16 +215,10 @@ static double now(void) {
 }
 
 /* metrics.<name>(cmd, value); 0 or -1 with an exception set. */
-static int record(Runner *self, PyObject *name, int cmd, PyObject *value) {
+static int record(Runner *self, PyObject *name, PyObject *cmd, PyObject *value) {
     if (value == NULL) return -1;
-    PyObject *cmd_obj = PyLong_FromLong(cmd);
-    if (cmd_obj == NULL) {
-        Py_DECREF(value);
-        return -1;
-    }
-    PyObject *call_args[3] = {self->metrics, cmd_obj, value};
+    PyObject *call_args[3] = {self->metrics, cmd, value};
     PyObject *result = PyObject_VectorcallMethod(name, call_args, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-    Py_DECREF(cmd_obj);
     Py_DECREF(value);
     if (result == NULL) return -1;
     Py_DECREF(result);
@@ -245,11 +239,8 @@ static Py_ssize_t bucket_of(double seconds) {
 static PyObject *one;
 
 /* metrics.observe(cmd, seconds), in C when cmd's histogram is there already. */
-static int observe(Runner *self, int cmd, double seconds) {
-    PyObject *key = PyLong_FromLong(cmd);
-    if (key == NULL) return -1;
-    PyObject *counts = PyDict_GetItemWithError(self->latency, key); /* borrowed */
-    Py_DECREF(key);
+static int observe(Runner *self, PyObject *cmd, double seconds) {
+    PyObject *counts = PyDict_GetItemWithError(self->latency, cmd); /* borrowed */
     if (counts == NULL && PyErr_Occurred()) return -1;
     if (counts == NULL || !PyList_CheckExact(counts) || PyList_GET_SIZE(counts) != nbounds + 2)
         return record(self, self->observe_name, cmd, PyFloat_FromDouble(seconds));
@@ -260,15 +251,15 @@ static int observe(Runner *self, int cmd, double seconds) {
     return failed ? -1 : 0;
 }
 
-/* metrics.reply(cmd, 0), in C when that series is there already. */
-static int count_reply(Runner *self, int cmd) {
+/* metrics.reply(cmd, 0), in C when that series is there already (cmd_obj: cmd as an int). */
+static int count_reply(Runner *self, int cmd, PyObject *cmd_obj) {
     PyObject *key = PyLong_FromLongLong((long long)cmd << 32);
     if (key == NULL) return -1;
     PyObject *count = PyDict_GetItemWithError(self->replies, key); /* borrowed */
     if (count == NULL) {
         Py_DECREF(key);
         if (PyErr_Occurred()) return -1;
-        return record(self, self->reply_name, cmd, PyLong_FromLong(0));
+        return record(self, self->reply_name, cmd_obj, PyLong_FromLong(0));
     }
     PyObject *sum = PyNumber_Add(count, one);
     int failed = sum == NULL || PyDict_SetItem(self->replies, key, sum) < 0;
@@ -285,13 +276,9 @@ static PyObject *latency_bucket(PyObject *unused, PyObject *arg) {
 }
 
 /* 1 if cmd's handler takes a memoryview body, 0 if bytes, -1 on error. */
-static int wants_view(Runner *self, int cmd) {
+static int wants_view(Runner *self, PyObject *cmd) {
     if (self->zero_copy == NULL || PySet_GET_SIZE(self->zero_copy) == 0) return 0;
-    PyObject *cmd_obj = PyLong_FromLong(cmd);
-    if (cmd_obj == NULL) return -1;
-    int found = PySet_Contains(self->zero_copy, cmd_obj);
-    Py_DECREF(cmd_obj);
-    return found;
+    return PySet_Contains(self->zero_copy, cmd);
 }
 
 /* Whether a buffer is one flat run of bytes (format "B"), as sub_view needs. */
@@ -371,6 +358,7 @@ static PyObject *runner_run(Runner *self, PyObject *const *args, Py_ssize_t narg
         return NULL;
     }
     PyObject *whole = NULL; /* a read-only memoryview of the payload, made for the first zero_copy body */
+    PyObject *cmd_obj = NULL;
     const unsigned char *data = (const unsigned char *)view.buf;
     Py_ssize_t size = view.len;
     int big = self->big_endian;
@@ -394,10 +382,9 @@ static PyObject *runner_run(Runner *self, PyObject *const *args, Py_ssize_t narg
             PyErr_SetString(PyExc_ValueError, "request record holds a packet with a bad length");
             goto done;
         }
-        PyObject *cmd_obj = PyLong_FromLong(cmd);
+        Py_XSETREF(cmd_obj, PyLong_FromLong(cmd)); /* the one int object for cmd in this packet */
         if (cmd_obj == NULL) goto done;
         PyObject *handler = PyDict_GetItemWithError(self->handlers, cmd_obj); /* borrowed */
-        Py_DECREF(cmd_obj);
         int want_view = handler != NULL;  /* for now: whether cmd has a handler of its own */
         if (handler == NULL) {
             if (PyErr_Occurred()) goto done;
@@ -405,7 +392,7 @@ static PyObject *runner_run(Runner *self, PyObject *const *args, Py_ssize_t narg
         }
         if (handler == Py_None) break; /* async, or no handler: a consumer task's job */
         Py_INCREF(handler);
-        want_view = want_view ? wants_view(self, cmd) : self->fallback_zero_copy;
+        want_view = want_view ? wants_view(self, cmd_obj) : self->fallback_zero_copy;
         if (want_view < 0) {
             Py_DECREF(handler);
             goto done;
@@ -416,7 +403,7 @@ static PyObject *runner_run(Runner *self, PyObject *const *args, Py_ssize_t narg
         }
         PyObject *body = want_view ? sub_view(whole, pos + HEADER_SIZE, length - HEADER_SIZE)
                                    : PyBytes_FromStringAndSize((const char *)at + HEADER_SIZE, length - HEADER_SIZE);
-        PyObject *request_args[6] = {PyLong_FromUnsignedLong(seq), PyLong_FromLong(cmd),
+        PyObject *request_args[6] = {PyLong_FromUnsignedLong(seq), Py_NewRef(cmd_obj),
                                      PyLong_FromUnsignedLong(status), PyLong_FromUnsignedLong(user), body, conn};
         PyObject *request = NULL;
         if (request_args[0] && request_args[1] && request_args[2] && request_args[3] && body)
@@ -437,7 +424,7 @@ static PyObject *runner_run(Runner *self, PyObject *const *args, Py_ssize_t narg
             int failed = held && PyList_Append(self->kept, body) < 0;
             if (!failed && timed) {
                 double finished = now();
-                failed = observe(self, cmd, finished - started) < 0;
+                failed = observe(self, cmd_obj, finished - started) < 0;
                 started = finished;
             }
             if (failed) {
@@ -520,13 +507,14 @@ static PyObject *runner_run(Runner *self, PyObject *const *args, Py_ssize_t narg
         int sent = result != Py_None;
         Py_DECREF(result);
         int ack_failed = box_add(box, 1, 1) < 0;
-        if (!ack_failed && sent && timed) ack_failed = count_reply(self, cmd) < 0;
+        if (!ack_failed && sent && timed) ack_failed = count_reply(self, cmd, cmd_obj) < 0;
         Py_DECREF(box);
         if (ack_failed) goto done;
         ran += 1;
     }
     out = Py_BuildValue("(nnO)", pos, ran, Py_None);
 done:
+    Py_XDECREF(cmd_obj);
     Py_XDECREF(whole);
     PyBuffer_Release(&view);
     Py_DECREF(conn_id);
