@@ -23,13 +23,14 @@ class LoadResult:
 
 class Load:
     def __init__(self, address: tuple[str, int], clients: int = 8, depth: int = 16, cmd_id: int = 1,
-                 reconnect: bool = False, prefix_len: int = 0) -> None:
+                 reconnect: bool = False, prefix_len: int = 0, body_size: int = 0) -> None:
         self.address = address
         self.clients = clients
         self.depth = depth
         self.cmd_id = cmd_id
         self.reconnect = reconnect
         self.prefix_len = prefix_len  # reply = prefix + request body (reload test)
+        self.body_size = body_size  # bodies padded to this size (0: as short as they come)
         self.result = LoadResult()
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -62,7 +63,9 @@ class Load:
                 await client.close()
 
     async def _batch(self, client: Client, index: int) -> None:
-        bodies = [f"{index}:{next(self._counter)}".encode() for _ in range(self.depth)]
+        bodies = [f"{index}:{next(self._counter)}:".encode() for _ in range(self.depth)]
+        if self.body_size:  # each its own bytes throughout, so a reply of reused memory shows
+            bodies = [(body * (self.body_size // len(body) + 1))[: self.body_size] for body in bodies]
         try:
             replies = await client.call_many([(self.cmd_id, b, index) for b in bodies], timeout=15)
         except TimeoutError:

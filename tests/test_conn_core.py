@@ -172,6 +172,7 @@ class Side:
     def close(self) -> None:
         for link in self.server.links:
             link.sender.discard_unread()
+            link.requests.release()
             link.sender.close()
             link.receiver.close()
         for far_end in self.far_ends:
@@ -712,5 +713,50 @@ def test_a_lost_worker_leaves_the_sender_waiting_for_room_for_the_blocked(c_prot
                 replacement.release()
             side.loop.run_until_complete(asyncio.sleep(0.01))
             assert ([t.reading for _, t in conns], link.blocked) == ([True] * 7, {})
+        finally:
+            side.close()
+
+
+def test_replies_by_reference_are_the_request_bytes_and_their_room_is_freed_after_the_flush(
+        c_protocol) -> None:
+    """A PACKETS_BY_REF record stands for its inline bytes and the request ring bytes it
+    names; a RELEASE record frees the request ring up to its position, but only once
+    the batch's replies are flushed (until then they may be those very bytes)."""
+    codec = PacketCodec()
+    body = bytes(range(256)) * 12
+    request = codec.encode(1, body, seq_num=5)
+    for protocol in (c_protocol, PythonProtocol):
+        side = Side(protocol, ByteOrder.LITTLE)
+        try:
+            conn, transport = side.conns[0]  # worker 0's
+            feed(conn, request)
+            link = side.server.links[0]
+            link.sender.flush()
+            taken = side.far_ends[0].read_batch(10, True)  # the connections' OPENED, then the request
+            assert [kind for kind, _, _ in taken][-1] == records.PACKETS
+            del taken  # the worker read them in place and does not free them: it sends RELEASE
+            position = side.far_ends[0].position
+            at = bytes(link.requests).index(request) + HEADER_SIZE
+            reply_header = codec.header.pack(HEADER_SIZE + len(body), 5, 1, 0, 0)
+            by_ref = (records.REF_ENTRY.pack(HEADER_SIZE, len(body), at) + reply_header
+                      + records.REF_ENTRY.pack(4, 0, 0) + b"tail")
+            room = link.sender.room()
+            written_when_released = []
+
+            def released(upto: int, released=link.sender.released, seen=written_when_released,
+                         transport=transport) -> None:
+                seen.append(b"".join(transport.written))
+                released(upto)
+
+            link.sender.released = released
+            side.server.on_replies(0, [(records.PACKETS_BY_REF | 1 << records.ACK_SHIFT, conn.conn_id,
+                                        memoryview(by_ref)), (records.RELEASE, position, b"")])
+            assert written_when_released == [reply_header + body + b"tail"], protocol
+            assert room < RING_SIZE and (conn.outstanding, link.sender.room()) == (0, RING_SIZE), protocol
+            assert link.sender._writer._words[16] == position  # the ring's read position
+            assert side.server.stats["replies_by_reference"] == 1
+            with pytest.raises(ValueError, match="past its request ring"):
+                side.server.on_replies(0, [(records.PACKETS_BY_REF, conn.conn_id,
+                                            records.REF_ENTRY.pack(0, 16, len(link.requests) - 8))])
         finally:
             side.close()

@@ -791,3 +791,16 @@ async def test_an_early_flush_keeps_reply_order_on_a_connection(monkeypatch):
     assert [(seq, bytes(body)) for seq, _, body in replies_and_acks(sender, CONN_A)[0]] == [
         (1, b"a1"), (2, b"a2"), (3, b"a3")]
     assert replies_and_acks(sender, CONN_A)[1] == 3
+
+
+async def test_a_batch_is_released_after_its_replies():
+    """The RELEASE record that lets the conn process free the batch's request ring space
+    comes after the batch's replies, which may refer to that space."""
+    app = App()
+    app.handler(1, zero_copy=True)(lambda request: request.body)
+    d, sender = make(app)
+    d.on_records([(records.PACKETS, CONN_A, run((1, 1, b"a" * 2000), (2, 1, b"b")))])
+    d.release_requests(0, 4096)
+    assert [kind & records.KIND_MASK for kind, _, _ in sender.sent] == [records.PACKETS, records.RELEASE]
+    assert sender.sent[-1] == (records.RELEASE, 4096, b"")
+    assert reply_bodies(sender, CONN_A) == [b"a" * 2000, b"b"]

@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from aserver import Status
 from aserver.client import Client
+from aserver.ipc import ring as ring_module
 from aserver.metrics import LATENCY_BUCKETS, MAX_CMD_SERIES, OTHER_CMD, ChildCounters, WorkerMetrics
 from aserver.settings import Settings
 from aserver.testing import ServerProcess, settings_toml
@@ -177,6 +178,22 @@ async def test_reload_loses_no_count(server) -> None:
     assert after("aserver_requests_total", cmd_id="1") == before("aserver_requests_total", cmd_id="1") + 40
     assert after("aserver_replies_total", cmd_id="1", status="OK") == before(
         "aserver_replies_total", cmd_id="1", status="OK") + 40
+
+
+async def test_large_zero_copy_replies_are_counted_as_sent_by_reference() -> None:
+    """The shipped echo (zero_copy) with bodies past records.REF_MIN: where the C ring
+    writer was built, the replies that ran inline went by reference to the request ring
+    (a connection's first request may wait behind its on_connect hook, and is copied)."""
+    with ServerProcess(settings={"metrics": {"enabled": True, "bind": "127.0.0.1:0"}}) as running:
+        url = re.search(r"(http://\S+/metrics)", running.wait_for_log(r"metrics: serving http://\S+/metrics")).group(1)
+        bodies = [os.urandom(4096 + i) for i in range(40)]
+        async with await Client.connect(*running.address) as client:
+            await client.call(ECHO, b"first", timeout=5)
+            replies = await client.call_many([(ECHO, body, 0) for body in bodies], timeout=10)
+        assert [r.body for r in replies] == bodies
+        by_reference = (await asyncio.to_thread(scrape, url))("aserver_conn_events_total",
+                                                              event="replies_by_reference")
+    assert by_reference == (len(bodies) if ring_module._c_core is not None else 0)
 
 
 def test_other_paths_and_methods(server) -> None:

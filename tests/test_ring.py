@@ -798,6 +798,8 @@ async def test_receiver_wakes_on_pipe_after_idle(make_ring):
             st.tuples(st.just("publish")),
             st.tuples(st.just("read"), st.integers(1, 8)),
             st.tuples(st.just("release")),
+            # the producer frees what the consumer read (a RELEASE record), or past its end
+            st.tuples(st.just("released"), st.sampled_from([0, 8])),
             st.tuples(st.just("drain")),  # publish, read everything, release: an empty ring
         ),
         max_size=120,
@@ -857,6 +859,12 @@ def test_c_and_python_cores_agree(capacity, rewind_at, ops):
                     del got
                 elif op[0] == "release":
                     words[16] = reader._read
+                elif op[0] == "released":
+                    try:
+                        writer.released(writer._write + op[1] if op[1] else reader._read)
+                        answers.append(words[16])
+                    except ValueError as exc:
+                        answers.append(str(exc))
                 if op[0] in ("publish", "drain"):
                     words[8] = writer._write
                     writer.unpublished = 0
@@ -1112,3 +1120,113 @@ def test_a_sender_whose_sources_wait_in_an_empty_ring_looks_again_once_at_a_time
         assert (len(looks), errors) == (2, [])
     finally:
         loop.close()
+
+
+# -- freeing by the producer, references to another ring ----------------------------------
+
+
+async def test_a_receiver_with_release_leaves_freeing_its_space_to_the_producer(make_ring):
+    """With `release` (a worker's request rings), a batch's space is not freed by the
+    consumer: it says where it read to, after on_records, even when that raised; the
+    producer's `released` frees it, and a sender waiting for room goes on at once."""
+    pair = make_ring(4096)
+    loop = asyncio.get_running_loop()
+    positions, rooms = [], []
+    sender = RingSender(pair.writer, loop, lambda: rooms.append(sender.room()))
+
+    def on_records(batch):
+        if any(conn_id == 1 for _, conn_id, _ in batch):
+            raise RuntimeError("a failing batch is released all the same")
+
+    receiver = RingReceiver(pair.reader, loop, on_records, in_place=True, release=positions.append)
+    with pytest.raises(ValueError, match="in place"):
+        RingReceiver(pair.reader, loop, on_records, release=positions.append)
+    while sender.send(records.PACKETS, 0, b"x" * 900):
+        pass
+    assert sender.backlogged  # one record waits for room
+    full = sender.room()
+    receiver.drain_now()
+    assert positions == [pair.reader.position] and pair.reader.position > 0
+    assert sender.room() == full and rooms == []  # read, not freed
+    sender.released(positions[0])
+    assert not sender.backlogged and len(rooms) == 1  # the waiting record went in
+    assert pair.writer.fill() == pair.writer._write - positions[0]
+    assert sender.send(records.PACKETS, 1, b"y")
+    sender.flush()
+    with pytest.raises(RuntimeError, match="released all the same"):
+        receiver.drain_now()
+    assert positions[-1] == pair.reader.position == pair.writer._write
+    sender.released(positions[-1])
+    assert pair.writer.fill() == 0
+    for wrong in (positions[0], pair.writer._write + 8):  # behind what is freed, past what is written
+        with pytest.raises(ValueError, match="release to"):
+            pair.writer.released(wrong)
+    sender._stop_waiting()
+
+
+@pytest.fixture
+def referring_writer(make_ring):
+    """A C reply-ring writer that refers to a second (request) ring, that ring, and a
+    reader of the replies."""
+    if ring_module._c_core is None:
+        pytest.skip("the C ring core was not built here (no C compiler at install time)")
+    requests, replies = make_ring(1 << 16), make_ring(1 << 16)
+    requests.writer.segment[DATA_OFFSET:] = bytes(range(256)) * ((len(requests.writer.segment) - DATA_OFFSET) // 256)
+    replies.writer.refer_to(requests.reader.segment, records.PACKETS_BY_REF, records.REF_MIN)
+    return replies, requests.reader.segment.toreadonly()
+
+
+def test_large_reply_parts_in_the_request_ring_are_written_as_references(referring_writer):
+    """List parts that lie in the referred-to ring and are REF_MIN bytes or more go as
+    references: the record is PACKETS_BY_REF (its acks kept) and stands for the same
+    bytes. Small parts, parts elsewhere and the ring's header are copied."""
+    replies, requests = referring_writer
+    body = requests[DATA_OFFSET + 64 : DATA_OFFSET + 64 + 5000]
+    small = requests[DATA_OFFSET + 8000 : DATA_OFFSET + 8000 + records.REF_MIN - 1]
+    header_area = requests[16 : 16 + records.REF_MIN]
+    exact = requests[DATA_OFFSET + 9000 : DATA_OFFSET + 9000 + records.REF_MIN]
+    parts = [b"H" * 16, body, b"T" * 16, small, header_area, bytes(2000), exact, b"end"]
+    assert replies.writer.try_write(records.PACKETS | 3 << records.ACK_SHIFT, 7, parts)
+    assert replies.writer.try_write(records.PACKETS, 8, body)  # not a list: copied
+    replies.writer.publish()
+    (kind, conn_id, payload), (plain_kind, _, plain) = replies.reader.read_batch(10)
+    assert (kind, conn_id, plain_kind, plain) == (records.PACKETS_BY_REF | 3 << records.ACK_SHIFT, 7,
+                                                  records.PACKETS, bytes(body))
+    entry = records.REF_ENTRY
+    inline = 16 + 16 + len(small) + len(header_area) + 2000 + 3
+    assert len(payload) == 3 * entry.size + inline  # two references and the bytes after the last
+    assert entry.unpack_from(payload, 0) == (16, 5000, DATA_OFFSET + 64)
+    from aserver.conn.conn_core import referred_parts
+    assert b"".join(referred_parts(payload, requests)[0]) == b"".join(parts)
+    assert referred_parts(payload, requests)[1] == 2
+    del body, small, header_area, exact
+
+
+def test_the_python_writer_copies_what_the_c_one_refers_to(make_ring):
+    """ring_core.WriterCore.refer_to is accepted and every part is copied (no address of
+    a buffer can be had in Python): a plain PACKETS record of the same bytes."""
+    requests, replies = make_ring(1 << 16), make_ring(1 << 16)
+    shm = attach_segment(replies.name)
+    writer = ring_core.WriterCore(shm)
+    writer.rewind_at = NO_REWIND
+    writer.refer_to(requests.reader.segment, records.PACKETS_BY_REF, records.REF_MIN)
+    body = requests.reader.segment[DATA_OFFSET : DATA_OFFSET + 4096]
+    assert writer.try_write(records.PACKETS, 1, [b"H" * 16, body])
+    replies.writer._words[8] = writer._write
+    assert replies.reader.read_batch(10) == [(records.PACKETS, 1, b"H" * 16 + bytes(body))]
+    del body
+    writer.detach()
+    shm.close()
+
+
+@pytest.mark.parametrize("payload, error", [
+    (records.REF_ENTRY.pack(4, 0, 0) + b"ab", "cut short"),
+    (records.REF_ENTRY.pack(0, 16, 0)[:10], "cut short"),
+    (records.REF_ENTRY.pack(0, 16, (1 << 16) + DATA_OFFSET - 8), "past its request ring"),
+    (records.REF_ENTRY.pack(0, 16, (1 << 64) - 8), "past its request ring"),
+])
+def test_a_bad_reference_record_is_refused(payload, error, make_ring):
+    from aserver.conn.conn_core import referred_parts
+    requests = make_ring(1 << 16).reader.segment
+    with pytest.raises(ValueError, match=error):
+        referred_parts(payload, requests)

@@ -57,6 +57,25 @@ async def test_worker_killed_under_load_loses_nothing() -> None:
         server.wait_for_log(r"worker 0 is back")
 
 
+async def test_worker_killed_while_replies_refer_to_its_requests_loses_nothing() -> None:
+    """The shipped echo (zero_copy) with 16 KiB bodies: replies go by reference to the
+    request ring, whose room the conn process frees only after sending them. A worker
+    killed in the middle: every reply is still its own request's bytes, or WORKER_LOST."""
+    with ServerProcess(workers=2, settings={"ring": {"size": 1024 * 1024},
+                                            "server": {"max_packet_size": 64 * 1024}}) as server:
+        load = Load(server.address, clients=12, depth=8, body_size=16384).start()
+        await asyncio.sleep(0.5)
+        workers = server.child_pids("worker")
+        os.kill(workers[0], signal.SIGKILL)
+        server.wait_for_children("worker", 2, exclude={workers[0]})
+        await asyncio.sleep(0.5)
+        result = await load.stop()
+        assert result.wrong == []
+        assert result.disconnects == 0 and result.timeouts == 0
+        assert result.ok > 500
+        server.wait_for_log(r"worker 0 is back")
+
+
 async def test_killing_one_conn_process_closes_only_its_clients(tmp_path: Path) -> None:
     with _probe_server(workers=2, settings={"server": {"conn_processes": 2}},
                        env={"PROBE_EVENTS_DIR": str(tmp_path)}) as server:

@@ -19,7 +19,7 @@
 
 /* What aserver/native.py expects: raise it whenever a call's signature or meaning
    changes, so a stale build is not used. */
-#define CONN_CORE_ABI 3
+#define CONN_CORE_ABI 4
 
 typedef struct {
     PyObject_HEAD
@@ -48,10 +48,10 @@ static Py_ssize_t read_size, small_read;
 
 /* Taken from the Python modules at import, so the two sides share one definition. */
 static PyObject *InFlight, *Deque;
-static unsigned long packets_kind, close_kind, ack_shift, kind_mask;
+static unsigned long packets_kind, close_kind, release_kind, by_ref_kind, ack_shift, kind_mask;
 static Py_ssize_t header_size;
 static PyObject *s_receive, *s_sender, *s_max_payload, *s_records_sent, *s_reserve, *s_commit,
-    *s_requests, *s_replies_to_closed, *s_append, *s_popleft, *s_remaining, *s_close,
+    *s_requests, *s_replies_to_closed, *s_replies_by_reference, *s_append, *s_popleft, *s_remaining, *s_close,
     *s_is_closing, *s_write, *s_get_write_buffer_size, *s_too_much_unread, *packets_obj;
 
 static PyTypeObject CoreType;
@@ -488,18 +488,88 @@ static PyObject *core_flush_replies(Core *self, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
-/* route_replies(connections, pending, stats, worker, batch): see conn_core.py. */
+/* A PACKETS_BY_REF entry (records.REF_ENTRY). */
+typedef struct {
+    uint32_t inline_length;
+    uint32_t ref_length;
+    uint64_t ref_offset;
+} RefEntry;
+
+/* Queue a PACKETS_BY_REF record's parts on `core` (conn_core.referred_parts): views of
+   its inline bytes and of the request ring bytes it refers to, counting the references
+   in *refs. 1: the first reply queued since the last flush; 0: not; -1: error. */
+static int queue_referred(Core *core, PyObject *payload, PyObject *requests, Py_ssize_t *refs) {
+    Py_buffer record, ring;
+    if (PyObject_GetBuffer(payload, &record, PyBUF_SIMPLE) < 0) return -1;
+    if (PyObject_GetBuffer(requests, &ring, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&record);
+        return -1;
+    }
+    int first = 0;
+    Py_ssize_t pos = 0, size = record.len;
+    while (pos < size) {
+        RefEntry entry;
+        if (size - pos < (Py_ssize_t)sizeof entry) goto cut;
+        memcpy(&entry, (char *)record.buf + pos, sizeof entry);
+        pos += sizeof entry;
+        PyObject *part;
+        if (entry.inline_length) {
+            if ((Py_ssize_t)entry.inline_length > size - pos) goto cut;
+            part = PySequence_GetSlice(payload, pos, pos + entry.inline_length);
+            int queued = part ? queue_reply_impl(core, part) : -1;
+            Py_XDECREF(part);
+            if (queued < 0) goto fail;
+            first |= queued;
+            pos += entry.inline_length;
+        }
+        if (entry.ref_length) {
+            if (entry.ref_offset > (uint64_t)ring.len || entry.ref_length > (uint64_t)ring.len - entry.ref_offset) {
+                PyErr_Format(PyExc_ValueError, "PACKETS_BY_REF refers past its request ring (%llu + %lu)",
+                             (unsigned long long)entry.ref_offset, (unsigned long)entry.ref_length);
+                goto fail;
+            }
+            part = PySequence_GetSlice(requests, (Py_ssize_t)entry.ref_offset,
+                                       (Py_ssize_t)(entry.ref_offset + entry.ref_length));
+            int queued = part ? queue_reply_impl(core, part) : -1;
+            Py_XDECREF(part);
+            if (queued < 0) goto fail;
+            first |= queued;
+            *refs += 1;
+        }
+    }
+    PyBuffer_Release(&record);
+    PyBuffer_Release(&ring);
+    return first;
+cut:
+    PyErr_SetString(PyExc_ValueError, "PACKETS_BY_REF record cut short");
+fail:
+    PyBuffer_Release(&record);
+    PyBuffer_Release(&ring);
+    return -1;
+}
+
+/* route_replies(connections, pending, stats, worker, batch, requests): see conn_core.py. */
 static PyObject *core_route_replies(PyObject *unused, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 5 || !PyDict_Check(args[0]) || !PyList_Check(args[1]) || !PyList_Check(args[4])) {
-        PyErr_SetString(PyExc_TypeError, "route_replies(connections: dict, pending: list, stats, worker, batch: list)");
+    if (nargs != 6 || !PyDict_Check(args[0]) || !PyList_Check(args[1]) || !PyList_Check(args[4])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "route_replies(connections: dict, pending: list, stats, worker, batch: list, requests)");
         return NULL;
     }
     PyObject *connections = args[0], *pending = args[1], *stats = args[2], *worker = args[3], *batch = args[4];
+    PyObject *requests = args[5];
+    unsigned long long released = 0;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(batch); i++) {
         PyObject *item = PyList_GET_ITEM(batch, i);
         if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 3) {
             PyErr_SetString(PyExc_TypeError, "a reply record must be (kind, conn_id, payload)");
             return NULL;
+        }
+        unsigned long kind = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(item, 0));
+        if (kind == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+        if (kind == release_kind) {
+            released = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(item, 1));
+            if (released == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+            continue;
         }
         PyObject *payload = PyTuple_GET_ITEM(item, 2);
         Py_ssize_t payload_size = PyObject_Length(payload);
@@ -514,8 +584,6 @@ static PyObject *core_route_replies(PyObject *unused, PyObject *const *args, Py_
             PyErr_SetString(PyExc_TypeError, "route_replies: a connection is not a ConnCore");
             return NULL;
         }
-        unsigned long kind = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(item, 0));
-        if (kind == (unsigned long)-1 && PyErr_Occurred()) return NULL;
         Py_ssize_t acks = (Py_ssize_t)(kind >> ack_shift);
         kind &= kind_mask;
         Core *core = (Core *)Py_NewRef(conn); /* ours while close() may drop it from the dict */
@@ -525,6 +593,11 @@ static PyObject *core_route_replies(PyObject *unused, PyObject *const *args, Py_
                 int first = queue_reply_impl(core, payload);
                 failed = first < 0 || (first && PyList_Append(pending, conn) < 0);
             }
+        } else if (kind == by_ref_kind) {
+            Py_ssize_t refs = 0;
+            int first = queue_referred(core, payload, requests, &refs);
+            failed = first < 0 || (first && PyList_Append(pending, conn) < 0) ||
+                     count_in(stats, s_replies_by_reference, refs) < 0;
         } else if (kind == close_kind) {
             PyObject *r = PyObject_CallMethodNoArgs(conn, s_close);
             failed = r == NULL;
@@ -541,7 +614,7 @@ static PyObject *core_route_replies(PyObject *unused, PyObject *const *args, Py_
         Py_DECREF(conn);
         if (failed) return NULL;
     }
-    Py_RETURN_NONE;
+    return PyLong_FromUnsignedLongLong(released);
 }
 
 static PyObject *core_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
@@ -591,7 +664,7 @@ static PyMethodDef core_methods[] = {
      "Buffer replies until flush_replies; returns True if this is the first."},
     {"flush_replies", (PyCFunction)core_flush_replies, METH_NOARGS, "Write the buffered replies."},
     {"route_replies", (PyCFunction)(void (*)(void))core_route_replies, METH_FASTCALL | METH_STATIC,
-     "route_replies(connections, pending, stats, worker, batch): see conn_core.py."},
+     "route_replies(connections, pending, stats, worker, batch, requests): see conn_core.py."},
     {NULL},
 };
 
@@ -658,6 +731,8 @@ static int take_shared(void) {
                  (InFlight = PyObject_GetAttrString(conn_core, "InFlight")) == NULL ||
                  (Deque = PyObject_GetAttrString(collections, "deque")) == NULL ||
                  constant(records, "PACKETS", &packets_kind) < 0 || constant(records, "CLOSE", &close_kind) < 0 ||
+                 constant(records, "RELEASE", &release_kind) < 0 ||
+                 constant(records, "PACKETS_BY_REF", &by_ref_kind) < 0 ||
                  constant(records, "ACK_SHIFT", &ack_shift) < 0 || constant(records, "KIND_MASK", &kind_mask) < 0 ||
                  constant(header, "HEADER_SIZE", &size) < 0 || constant(conn_core, "READ_SIZE", &most) < 0 ||
                  constant(conn_core, "SMALL_READ", &small) < 0 ||
@@ -682,6 +757,7 @@ static int intern_names(void) {
     NAME(s_commit, "commit");
     NAME(s_requests, "requests");
     NAME(s_replies_to_closed, "replies_to_closed");
+    NAME(s_replies_by_reference, "replies_by_reference");
     NAME(s_append, "append");
     NAME(s_popleft, "popleft");
     NAME(s_remaining, "remaining");

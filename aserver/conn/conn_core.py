@@ -177,10 +177,17 @@ class ConnCore:
 
     @staticmethod
     def route_replies(connections: dict[int, Any], pending: list, stats: dict[str, int], worker: int,
-                      batch: list[tuple[int, int, bytes]]) -> None:
+                      batch: list[tuple[int, int, bytes]], requests: memoryview) -> int:
         """Queue each reply record's packets on its connection (adding connections to
-        `pending` as they get their first) and count its acks."""
+        `pending` as they get their first) and count its acks. `requests` is the
+        worker's request ring segment, which PACKETS_BY_REF records refer to. Returns
+        the last position the worker released its request ring to (0: none): free it
+        once the replies queued here are flushed."""
+        released = 0
         for kind, conn_id, payload in batch:
+            if kind == records.RELEASE:
+                released = conn_id
+                continue
             conn = connections.get(conn_id)
             if conn is None:
                 if payload:
@@ -191,12 +198,45 @@ class ConnCore:
             if kind == records.PACKETS:
                 if payload and conn.queue_reply(payload):
                     pending.append(conn)
+            elif kind == records.PACKETS_BY_REF:
+                parts, refs = referred_parts(payload, requests)
+                for part in parts:
+                    if conn.queue_reply(part):
+                        pending.append(conn)
+                stats["replies_by_reference"] += refs
             elif kind == records.CLOSE:
                 conn.close()
             if answered:
                 conn.answered(worker, answered)
                 if conn.close_when_answered and not conn.outstanding:
                     conn.close()
+        return released
+
+
+def referred_parts(payload: bytes | memoryview, requests: memoryview) -> tuple[list[memoryview], int]:
+    """A PACKETS_BY_REF record's bytes in order (views of its inline parts and of the
+    request ring bytes it refers to), and how many of them it refers to."""
+    view = memoryview(payload)
+    parts = []
+    refs = 0
+    pos = 0
+    entry = records.REF_ENTRY
+    while pos < len(view):
+        if len(view) - pos < entry.size:
+            raise ValueError("PACKETS_BY_REF record cut short")
+        inline, length, offset = entry.unpack_from(view, pos)
+        pos += entry.size
+        if inline:
+            if pos + inline > len(view):
+                raise ValueError("PACKETS_BY_REF record cut short")
+            parts.append(view[pos : pos + inline])
+            pos += inline
+        if length:
+            if offset + length > len(requests):
+                raise ValueError(f"PACKETS_BY_REF refers past its request ring ({offset} + {length})")
+            parts.append(requests[offset : offset + length])
+            refs += 1
+    return parts, refs
 
 
 def packet_headers(run: bytes | bytearray | memoryview, count: int, big_endian: bool) -> bytes:

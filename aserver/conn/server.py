@@ -36,6 +36,8 @@ class WorkerLink:
         self._server = server
         self.sender = RingSender(writer, server.loop, self._on_room)
         self.receiver = RingReceiver(reader, server.loop, self._on_replies, in_place=True)
+        # The worker's replies may refer to request bytes here (records.PACKETS_BY_REF).
+        self.requests = writer.segment.toreadonly()
         # Connections paused because this link's ring was full, oldest first, with the
         # bytes of the run that had to wait: what each is expected to send next.
         self.blocked: dict[ClientProtocol, int] = {}
@@ -294,13 +296,18 @@ class ConnServer:
     # Replies from workers --------------------------------------------------------------
 
     def on_replies(self, worker: int, batch: list[tuple[int, int, bytes | memoryview]]) -> None:
-        """A batch from a worker's reply ring. Its payloads are views of the ring, valid
-        only until this returns, so every connection they went to is flushed here: what
+        """A batch from a worker's reply ring. Its payloads are views of the ring, and
+        may refer to request ring bytes that a RELEASE record in the batch frees, so
+        every connection they went to is flushed here, before that room is freed: what
         its socket does not take now is copied for the transport."""
+        link = self.links[worker]
         try:
-            self.protocol.route_replies(self.connections, self._flush_pending, self.stats, worker, batch)
+            released = self.protocol.route_replies(
+                self.connections, self._flush_pending, self.stats, worker, batch, link.requests)
         finally:
             self._flush()
+        if released:
+            link.sender.released(released)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -396,6 +403,7 @@ class ConnServer:
         await asyncio.sleep(0)
         for link in self.links:
             link.receiver.close()
+            link.requests.release()
             link.sender.close()
 
     def snapshot(self) -> dict:

@@ -21,7 +21,7 @@
 
 /* What aserver/native.py expects: raise it whenever a call's signature or meaning
    changes, so a stale build is not used. */
-#define RING_CORE_ABI 4
+#define RING_CORE_ABI 5
 
 #define DATA_OFFSET 384
 #define HEADER_SIZE 16
@@ -49,7 +49,20 @@ typedef struct {
     Py_ssize_t max_payload;
     long long reserved;      /* writer: payload bytes reserve() found room for; -1: none */
     unsigned long long skip; /* writer: the tail that reservation leaves (a WRAP), or 0 */
+    /* writer, after refer_to(): list parts that lie in this other segment (the request
+       ring, for a reply ring) and are at least ref_min bytes go as references. Only the
+       addresses are kept, to compare with: the other segment is never read here. */
+    uintptr_t ref_base, ref_end; /* its start and end; 0, 0: refer to nothing */
+    Py_ssize_t ref_min;
+    unsigned long ref_kind; /* the low byte of such a record's kind */
 } Core;
+
+/* A reference entry of a record: see records.py, PACKETS_BY_REF and REF_ENTRY. */
+typedef struct {
+    uint32_t inline_length;
+    uint32_t ref_length;
+    uint64_t ref_offset;
+} RefEntry;
 
 static uint64_t load_word(const Core *self, int index) {
     return __atomic_load_n((uint64_t *)self->base + index, __ATOMIC_ACQUIRE);
@@ -232,6 +245,25 @@ static PyObject *writer_try_write(Core *self, PyObject *const *args, Py_ssize_t 
     }
     /* After GetBuffer: a __buffer__ method may have closed us. */
     if (!attached(self)) goto done;
+    /* Parts that lie in the referred-to segment go as references (records.PACKETS_BY_REF). */
+    char is_ref[MAX_PARTS];
+    unsigned long long entries = 0;
+    if (self->ref_end && PyList_CheckExact(source)) {
+        unsigned long long inlined = 0, trailing = 0; /* inline bytes in all; after the last reference */
+        for (Py_ssize_t i = 0; i < count; i++) {
+            uintptr_t at = (uintptr_t)parts[i].buf;
+            is_ref[i] = parts[i].len >= self->ref_min && at >= self->ref_base + DATA_OFFSET &&
+                        at + (uintptr_t)parts[i].len <= self->ref_end;
+            if (is_ref[i]) {
+                entries++;
+                trailing = 0;
+            } else {
+                inlined += (unsigned long long)parts[i].len;
+                trailing += (unsigned long long)parts[i].len;
+            }
+        }
+        if (entries) length = inlined + (entries + (trailing > 0)) * sizeof(RefEntry);
+    }
     if (length > (unsigned long long)self->max_payload) {
         PyErr_Format(PyExc_ValueError, "record of %llu bytes exceeds ring limit %zd", length, self->max_payload);
         goto done;
@@ -242,9 +274,36 @@ static PyObject *writer_try_write(Core *self, PyObject *const *args, Py_ssize_t 
         goto done;
     }
     char *to = self->base + at;
-    for (Py_ssize_t i = 0; i < count; i++) {
-        memcpy(to, parts[i].buf, parts[i].len);
-        to += parts[i].len;
+    if (entries) {
+        /* Each entry: its header, then the inline parts before the next reference. */
+        RefEntry entry = {0, 0, 0};
+        char *entry_at = to;
+        to += sizeof(RefEntry);
+        for (Py_ssize_t i = 0; i < count; i++) {
+            if (is_ref[i]) {
+                entry.ref_length = (uint32_t)parts[i].len;
+                entry.ref_offset = (uint64_t)((uintptr_t)parts[i].buf - self->ref_base);
+                memcpy(entry_at, &entry, sizeof(RefEntry));
+                entry.inline_length = 0;
+                entry_at = to;
+                to += sizeof(RefEntry);
+            } else {
+                memcpy(to, parts[i].buf, parts[i].len);
+                to += parts[i].len;
+                entry.inline_length += (uint32_t)parts[i].len;
+            }
+        }
+        if (entry.inline_length) {
+            entry.ref_length = 0;
+            entry.ref_offset = 0;
+            memcpy(entry_at, &entry, sizeof(RefEntry));
+        }
+        kind = (kind & ~0xFFull) | self->ref_kind;
+    } else {
+        for (Py_ssize_t i = 0; i < count; i++) {
+            memcpy(to, parts[i].buf, parts[i].len);
+            to += parts[i].len;
+        }
     }
     commit_record(self, kind, conn_id, length);
     result = Py_True;
@@ -253,6 +312,50 @@ done:
     for (Py_ssize_t i = 0; i < count; i++) PyBuffer_Release(&parts[i]);
     Py_XDECREF(joined);
     return result;
+}
+
+/* released(position): see ring_core.WriterCore.released. */
+static PyObject *writer_released(Core *self, PyObject *arg) {
+    unsigned long long position = PyLong_AsUnsignedLongLong(arg);
+    if (position == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    if (!attached(self)) return NULL;
+    unsigned long long read = load_word(self, WORD_READ_POS);
+    if (position < read || position > self->position) {
+        return PyErr_Format(PyExc_ValueError, "release to %llu: the ring holds %llu to %llu", position, read,
+                            self->position);
+    }
+    __atomic_store_n((uint64_t *)self->base + WORD_READ_POS, position, __ATOMIC_RELEASE);
+    self->other = position;
+    Py_RETURN_NONE;
+}
+
+/* refer_to(segment, kind, min_size): see ring_core.WriterCore.refer_to. */
+static PyObject *writer_refer_to(Core *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "refer_to(segment, kind, min_size)");
+        return NULL;
+    }
+    unsigned long ref_kind = PyLong_AsUnsignedLong(args[1]);
+    if (ref_kind == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+    Py_ssize_t ref_min = PyLong_AsSsize_t(args[2]);
+    if (ref_min == -1 && PyErr_Occurred()) return NULL;
+    if (ref_kind > 0xFF || ref_min < 1) {
+        PyErr_SetString(PyExc_ValueError, "refer_to: kind must fit in the low byte and min_size be positive");
+        return NULL;
+    }
+    self->ref_base = self->ref_end = 0;
+    if (args[0] != Py_None) {
+        Py_buffer view;
+        if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
+        if (view.len > DATA_OFFSET) { /* its records can be referred to, not its header */
+            self->ref_base = (uintptr_t)view.buf;
+            self->ref_end = (uintptr_t)view.buf + (uintptr_t)view.len;
+        }
+        PyBuffer_Release(&view);
+    }
+    self->ref_kind = ref_kind;
+    self->ref_min = ref_min;
+    Py_RETURN_NONE;
 }
 
 /* reserve(length) -> int: see ring_core.WriterCore.reserve. */
@@ -356,6 +459,10 @@ static PyMethodDef writer_methods[] = {
      "Copy one record in, or return False when there is no room (nothing written)."},
     {"reserve", (PyCFunction)writer_reserve, METH_O,
      "Room for a record of up to `length` payload bytes: the payload's offset in the segment, or -1."},
+    {"released", (PyCFunction)writer_released, METH_O,
+     "The consumer is done up to `position`: publish it as the read position (ring_core.WriterCore.released)."},
+    {"refer_to", (PyCFunction)(void (*)(void))writer_refer_to, METH_FASTCALL,
+     "Write list parts that lie in `segment` as references (see ring_core.WriterCore.refer_to)."},
     {"commit", (PyCFunction)(void (*)(void))writer_commit, METH_FASTCALL,
      "Make the first `length` reserved payload bytes (written in place) a record."},
     {"detach", (PyCFunction)core_detach, METH_NOARGS, "Let go of the segment's buffer (before it is closed)."},

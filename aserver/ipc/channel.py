@@ -71,6 +71,13 @@ class RingSenderBase:
         """Bytes free in the ring as the consumer last published (contiguous or not)."""
         return self._writer.room()
 
+    def released(self, position: int) -> None:
+        """The consumer is done up to `position` (its RELEASE record): free that room,
+        and go on with what waits for it."""
+        self._writer.released(position)
+        if self._waiting:
+            self._retry()
+
     def wait_for_room(self) -> None:
         """Call on_room when the consumer frees room (it returned True outside _retry)."""
         if not self._waiting:
@@ -184,6 +191,11 @@ class RingReceiver:
     does not take at once is copied). Either way the batch counts as taken (ring.py's
     records_read) before `on_records` runs, so a consumer that dies in it never gets it
     replayed.
+
+    With `release`, the space is not freed here: after each batch, `release(position)`
+    says where we have read to, and the producer frees it (a worker sends that to the
+    conn process as a RELEASE record, after the replies of the batch, which may refer
+    to bytes of the request ring: see records.PACKETS_BY_REF).
     """
 
     def __init__(
@@ -193,9 +205,13 @@ class RingReceiver:
         on_records: Callable[[list[tuple[int, int, bytes | memoryview]]], None],
         batch: int = 512,
         in_place: bool = False,
+        release: Callable[[int], None] | None = None,
     ) -> None:
+        if release is not None and not in_place:
+            raise ValueError("release is for records read in place")
         self._reader = reader
         self._in_place = in_place
+        self._release = release
         self._loop = loop
         self._on_records = on_records
         self._batch = batch
@@ -288,5 +304,8 @@ class RingReceiver:
             self._on_records(records)
         finally:
             del records  # the views go before their space does
-            reader.release()
+            if self._release is None:
+                reader.release()
+            else:
+                self._release(reader.position)
         return taken

@@ -4,7 +4,7 @@ Layout (every shared u64 alone on its own 64-byte line, so reads are never torn)
 
     0    capacity           set once by the creator
     64   write_pos          producer publishes; monotonic byte count
-    128  read_pos           consumer publishes; monotonic byte count
+    128  read_pos           consumer publishes (or the producer: see below); monotonic byte count
     192  reader_sleeping    consumer sets before it waits on its wake pipe
     256  writer_waiting     producer sets before it waits for space
     320  records_read       consumer publishes as it takes records: records taken so far
@@ -14,6 +14,11 @@ Layout (every shared u64 alone on its own 64-byte line, so reads are never torn)
 consumer had taken (those may be half done) and which it never saw (those can be replayed).
 So it is published when records are taken, before they are handled; `read_pos` (their
 space) may follow later, once the consumer is done with them (see RingReceiver in_place).
+A worker's request rings go further: the worker never publishes `read_pos`; it sends
+where it read to as a RELEASE record on its reply ring, after the replies that may still
+refer to the requests' bytes (records.PACKETS_BY_REF), and the conn process publishes it
+(`RingWriter.released`) once it has sent them. Room there comes back with the replies,
+so the space pipe below is only the slow poll's safety net for such a ring.
 
 A record is a 16-byte header (payload length u32, kind u32, connection id u64) and its
 payload, padded to 8 bytes. A record never wraps: when it does not fit before the end, the
@@ -133,6 +138,12 @@ class _RingSide:
         self._buf = shm.buf
         self._words = shm.buf.cast("Q")
 
+    @property
+    def segment(self) -> memoryview:
+        """The whole shared segment, header first (offsets in PACKETS_BY_REF records
+        are into it)."""
+        return self._buf
+
     def fill(self) -> int:
         """Bytes currently in the ring (both positions as published)."""
         return self._words[_WRITE_POS] - self._words[_READ_POS]
@@ -248,6 +259,11 @@ class RingReader(ReaderCore, _RingSide):
         self._read = self._words[_READ_POS]
         self._records_read = self._words[_RECORDS_READ]
         self._words[_READER_SLEEPING] = 0
+
+    @property
+    def position(self) -> int:
+        """Where we have read to (published by `release`, or sent to the producer)."""
+        return self._read
 
     def skip_unread(self) -> None:
         """Drop every published record unread (their producer is gone)."""

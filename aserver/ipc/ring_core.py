@@ -69,6 +69,22 @@ class WriterCore(_Core):
         self.commit(kind, conn_id, length)
         return True
 
+    def released(self, position: int) -> None:
+        """The consumer is done up to `position` (for a ring whose space the producer
+        frees, told by the consumer's RELEASE record: see channel.RingReceiver's
+        `release`): publish that as the read position."""
+        read = self._seg_words[WORD_READ_POS]
+        if not read <= position <= self._write:
+            raise ValueError(f"release to {position}: the ring holds {read} to {self._write}")
+        self._seg_words[WORD_READ_POS] = self._read = position
+
+    def refer_to(self, segment: memoryview | None, kind: int, min_size: int) -> None:
+        """Have list parts (try_write's) that lie in `segment` (another ring's, read in
+        place) and are at least `min_size` bytes written as references to it rather than
+        copied; such a record's kind gets `kind` as its low byte (records.PACKETS_BY_REF
+        says what its payload is). The C writer does this; here, where no address of a
+        buffer can be had, every part is copied, which is what a reference stands for."""
+
     def reserve(self, length: int) -> int:
         """Find room for a record of up to `length` payload bytes. Returns the payload's
         offset in the segment (fill it, then `commit`), or -1 when there is no room.

@@ -162,15 +162,25 @@ class Dispatcher:
         try:
             self._take_records(batch, taken)
         finally:
-            # The end of the batch: the inline replies go out now, and must, even after an
-            # exception: they may be views of the ring, whose space goes when this returns.
+            # The end of the batch: the inline replies go into the reply rings now, and
+            # must, even after an exception: they may be views of the request ring, which
+            # its receiver releases next (release_requests publishes them all).
             try:
                 if self._outbox:
-                    self._flush()
+                    self._write_boxes()
             finally:
                 if self._kept_views:
                     self._release_kept_views()
                 self._count_taken(*taken)
+
+    def release_requests(self, index: int, position: int) -> None:
+        """The batch from conn process `index`'s request ring is done with, up to
+        `position`: tell its conn process, after the batch's replies (which may refer to
+        those requests' bytes), and publish."""
+        if not self.senders[index].send(records.RELEASE, position, b""):
+            self._pause_intake()
+        for sender in self.senders:
+            sender.flush()
 
     def _count_taken(self, ran: int, queued: int) -> None:
         if ran or queued:
@@ -494,15 +504,18 @@ class Dispatcher:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        self._write_boxes()
+        # This already is the end of a batch: publish now rather than one loop
+        # iteration later.
+        for sender in self.senders:
+            sender.flush()
+
+    def _write_boxes(self) -> None:
         # The same dict stays in place: the consumers hold a reference to it.
         boxes = list(self._outbox.items())
         self._outbox.clear()
         for conn_id, box in boxes:
             self._write_box(conn_id, box)
-        # This already is the end of a batch: publish now rather than one loop
-        # iteration later.
-        for sender in self.senders:
-            sender.flush()
 
     def _flush_one(self, conn_id: int) -> None:
         box = self._outbox.pop(conn_id, None)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import logging
 
 from aserver.app import App, callable_name
+from aserver.ipc import records
 from aserver.ipc.channel import RingReceiver, RingSender
 from aserver.metrics import WorkerMetrics
 from aserver.protocol import PacketCodec
@@ -76,9 +78,14 @@ async def _serve(spec: ChildSpec, control: ChildControl) -> None:
     if not control.stop.is_set():
         senders = []
         receivers = []
-        for requests, replies in spec.rings:
-            receivers.append(RingReceiver(open_consumer(requests), loop, dispatcher.on_records, in_place=True))
-            senders.append(RingSender(open_producer(replies), loop, dispatcher.on_room))
+        for index, (requests, replies) in enumerate(spec.rings):
+            reader = open_consumer(requests)
+            receivers.append(RingReceiver(reader, loop, dispatcher.on_records, in_place=True,
+                                          release=functools.partial(dispatcher.release_requests, index)))
+            writer = open_producer(replies)
+            # Large reply parts that are request bytes (zero_copy bodies) go by reference.
+            writer.refer_to(reader.segment, records.PACKETS_BY_REF, records.REF_MIN)
+            senders.append(RingSender(writer, loop, dispatcher.on_room))
         dispatcher.attach(senders, receivers)
         periodic = [asyncio.ensure_future(_every(seconds, hook)) for seconds, hook in app.periodic]
         dispatcher.start()
