@@ -755,8 +755,19 @@ def test_replies_by_reference_are_the_request_bytes_and_their_room_is_freed_afte
             assert room < RING_SIZE and (conn.outstanding, link.sender.room()) == (0, RING_SIZE), protocol
             assert link.sender._writer._words[16] == position  # the ring's read position
             assert side.server.stats["replies_by_reference"] == 1
+            # A bad record queues none of its parts (they would outlive the batch), and the
+            # batch's RELEASE still frees its room (the worker does not send it again).
+            feed(conn, request)
+            link.sender.flush()
+            side.far_ends[0].read_batch(10, True)
+            position = side.far_ends[0].position
+            bad = (records.REF_ENTRY.pack(HEADER_SIZE, len(body), at) + reply_header
+                   + records.REF_ENTRY.pack(0, 16, len(link.requests) - 8))
+            written = list(transport.written)
             with pytest.raises(ValueError, match="past its request ring"):
-                side.server.on_replies(0, [(records.PACKETS_BY_REF, conn.conn_id,
-                                            records.REF_ENTRY.pack(0, 16, len(link.requests) - 8))])
+                side.server.on_replies(0, [(records.PACKETS_BY_REF, conn.conn_id, memoryview(bad)),
+                                           (records.RELEASE, position, b"")])
+            assert (conn._replies, transport.written) == ([], written), protocol
+            assert link.sender._writer._words[16] == position
         finally:
             side.close()

@@ -1135,6 +1135,7 @@ async def test_a_receiver_with_release_leaves_freeing_its_space_to_the_producer(
     sender = RingSender(pair.writer, loop, lambda: rooms.append(sender.room()))
 
     def on_records(batch):
+        positions.append("records")
         if any(conn_id == 1 for _, conn_id, _ in batch):
             raise RuntimeError("a failing batch is released all the same")
 
@@ -1146,7 +1147,8 @@ async def test_a_receiver_with_release_leaves_freeing_its_space_to_the_producer(
     assert sender.backlogged  # one record waits for room
     full = sender.room()
     receiver.drain_now()
-    assert positions == [pair.reader.position] and pair.reader.position > 0
+    assert positions == ["records", pair.reader.position] and pair.reader.position > 0  # after the batch
+    del positions[0]
     assert sender.room() == full and rooms == []  # read, not freed
     sender.released(positions[0])
     assert not sender.backlogged and len(rooms) == 1  # the waiting record went in
@@ -1155,7 +1157,7 @@ async def test_a_receiver_with_release_leaves_freeing_its_space_to_the_producer(
     sender.flush()
     with pytest.raises(RuntimeError, match="released all the same"):
         receiver.drain_now()
-    assert positions[-1] == pair.reader.position == pair.writer._write
+    assert positions[-2:] == ["records", pair.reader.position] and pair.reader.position == pair.writer._write
     sender.released(positions[-1])
     assert pair.writer.fill() == 0
     for wrong in (positions[0], pair.writer._write + 8):  # behind what is freed, past what is written
@@ -1199,6 +1201,16 @@ def test_large_reply_parts_in_the_request_ring_are_written_as_references(referri
     from aserver.conn.conn_core import referred_parts
     assert b"".join(referred_parts(payload, requests)[0]) == b"".join(parts)
     assert referred_parts(payload, requests)[1] == 2
+    # A box of many replies (past the parts the C writer keeps on its stack) is no different.
+    many = [part for i in range(40) for part in (b"H" * 16, requests[DATA_OFFSET + i * 1024 :][: records.REF_MIN])]
+    assert replies.writer.try_write(records.PACKETS, 9, many)
+    replies.writer.publish()
+    (kind, _, payload), = replies.reader.read_batch(10)
+    assert (kind, len(payload)) == (records.PACKETS_BY_REF, 40 * (entry.size + 16))
+    parts_back, refs = referred_parts(payload, requests)
+    assert refs == 40 and b"".join(parts_back) == b"".join(many)
+    del parts_back
+    del many
     del body, small, header_area, exact
 
 

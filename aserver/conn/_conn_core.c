@@ -506,35 +506,39 @@ static int queue_referred(Core *core, PyObject *payload, PyObject *requests, Py_
         return -1;
     }
     int first = 0;
-    Py_ssize_t pos = 0, size = record.len;
-    while (pos < size) {
-        RefEntry entry;
-        if (size - pos < (Py_ssize_t)sizeof entry) goto cut;
-        memcpy(&entry, (char *)record.buf + pos, sizeof entry);
-        pos += sizeof entry;
-        PyObject *part;
-        if (entry.inline_length) {
+    /* The whole record is checked before any of it is queued: a view queued from a bad
+       record would outlive the batch whose rings it points into. */
+    for (int queueing = 0; queueing < 2; queueing++) {
+        Py_ssize_t pos = 0, size = record.len;
+        while (pos < size) {
+            RefEntry entry;
+            if (size - pos < (Py_ssize_t)sizeof entry) goto cut;
+            memcpy(&entry, (char *)record.buf + pos, sizeof entry);
+            pos += sizeof entry;
             if ((Py_ssize_t)entry.inline_length > size - pos) goto cut;
-            part = PySequence_GetSlice(payload, pos, pos + entry.inline_length);
-            int queued = part ? queue_reply_impl(core, part) : -1;
-            Py_XDECREF(part);
-            if (queued < 0) goto fail;
-            first |= queued;
-            pos += entry.inline_length;
-        }
-        if (entry.ref_length) {
-            if (entry.ref_offset > (uint64_t)ring.len || entry.ref_length > (uint64_t)ring.len - entry.ref_offset) {
+            if (entry.ref_length &&
+                (entry.ref_offset > (uint64_t)ring.len || entry.ref_length > (uint64_t)ring.len - entry.ref_offset)) {
                 PyErr_Format(PyExc_ValueError, "PACKETS_BY_REF refers past its request ring (%llu + %lu)",
                              (unsigned long long)entry.ref_offset, (unsigned long)entry.ref_length);
                 goto fail;
             }
-            part = PySequence_GetSlice(requests, (Py_ssize_t)entry.ref_offset,
-                                       (Py_ssize_t)(entry.ref_offset + entry.ref_length));
-            int queued = part ? queue_reply_impl(core, part) : -1;
-            Py_XDECREF(part);
-            if (queued < 0) goto fail;
-            first |= queued;
-            *refs += 1;
+            if (queueing && entry.inline_length) {
+                PyObject *part = PySequence_GetSlice(payload, pos, pos + entry.inline_length);
+                int queued = part ? queue_reply_impl(core, part) : -1;
+                Py_XDECREF(part);
+                if (queued < 0) goto fail;
+                first |= queued;
+            }
+            pos += entry.inline_length;
+            if (queueing && entry.ref_length) {
+                PyObject *part = PySequence_GetSlice(requests, (Py_ssize_t)entry.ref_offset,
+                                                     (Py_ssize_t)(entry.ref_offset + entry.ref_length));
+                int queued = part ? queue_reply_impl(core, part) : -1;
+                Py_XDECREF(part);
+                if (queued < 0) goto fail;
+                first |= queued;
+                *refs += 1;
+            }
         }
     }
     PyBuffer_Release(&record);

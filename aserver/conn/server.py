@@ -301,13 +301,19 @@ class ConnServer:
         every connection they went to is flushed here, before that room is freed: what
         its socket does not take now is copied for the transport."""
         link = self.links[worker]
+        released = 0
         try:
             released = self.protocol.route_replies(
                 self.connections, self._flush_pending, self.stats, worker, batch, link.requests)
+        except BaseException:
+            # The room is freed all the same: the worker will not send this RELEASE again,
+            # and without it a full ring would wait for good.
+            released = next((position for kind, position, _ in reversed(batch) if kind == records.RELEASE), 0)
+            raise
         finally:
             self._flush()
-        if released:
-            link.sender.released(released)
+            if released:
+                link.sender.released(released)
 
     def _flush(self) -> None:
         self._flush_scheduled = False

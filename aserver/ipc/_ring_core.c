@@ -200,7 +200,7 @@ static int record_ids(PyObject *kind_obj, PyObject *conn_obj, unsigned long long
 
 /* try_write(kind, conn_id, payload) -> bool. payload: a buffer, or a list of buffers
    copied in one after another (what b"".join would make, without making it). */
-#define MAX_PARTS 64
+#define STACK_PARTS 64 /* parts held on the stack; a longer list's are allocated */
 static PyObject *writer_try_write(Core *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "try_write(kind, conn_id, payload)");
@@ -209,23 +209,22 @@ static PyObject *writer_try_write(Core *self, PyObject *const *args, Py_ssize_t 
     unsigned long long kind, conn_id;
     if (record_ids(args[0], args[1], &kind, &conn_id) < 0) return NULL;
     PyObject *source = args[2];
-    PyObject *joined = NULL;
-    if (PyList_CheckExact(source) && PyList_GET_SIZE(source) > MAX_PARTS) {
-        /* Many small parts: one join is as cheap as tracking them all. */
-        PyObject *empty = PyBytes_FromStringAndSize(NULL, 0);
-        if (empty == NULL) return NULL;
-        joined = PyObject_CallMethod(empty, "join", "O", source);
-        Py_DECREF(empty);
-        if (joined == NULL) return NULL;
-        source = joined;
-    }
-    Py_buffer parts[MAX_PARTS];
+    Py_buffer stack_parts[STACK_PARTS];
+    char stack_refs[STACK_PARTS];
+    Py_buffer *parts = stack_parts;
+    char *is_ref = stack_refs;
     Py_ssize_t count = 0;
     unsigned long long length = 0;
     PyObject *result = NULL;
     if (PyList_CheckExact(source)) {
-        /* Bounded by MAX_PARTS whatever a part's buffer export does to the list. */
-        while (count < PyList_GET_SIZE(source) && count < MAX_PARTS) {
+        Py_ssize_t wanted = PyList_GET_SIZE(source);
+        if (wanted > STACK_PARTS) {
+            parts = PyMem_Malloc((size_t)wanted * (sizeof *parts + 1));
+            if (parts == NULL) return PyErr_NoMemory();
+            is_ref = (char *)(parts + wanted);
+        }
+        /* Bounded by the size we made room for, whatever a part's buffer export does to the list. */
+        while (count < PyList_GET_SIZE(source) && count < wanted) {
             PyObject *item = PyList_GET_ITEM(source, count);
             Py_INCREF(item);
             int failed = PyObject_GetBuffer(item, &parts[count], PyBUF_C_CONTIGUOUS) < 0;
@@ -246,7 +245,6 @@ static PyObject *writer_try_write(Core *self, PyObject *const *args, Py_ssize_t 
     /* After GetBuffer: a __buffer__ method may have closed us. */
     if (!attached(self)) goto done;
     /* Parts that lie in the referred-to segment go as references (records.PACKETS_BY_REF). */
-    char is_ref[MAX_PARTS];
     unsigned long long entries = 0;
     if (self->ref_end && PyList_CheckExact(source)) {
         unsigned long long inlined = 0, trailing = 0; /* inline bytes in all; after the last reference */
@@ -310,7 +308,7 @@ static PyObject *writer_try_write(Core *self, PyObject *const *args, Py_ssize_t 
     Py_INCREF(result);
 done:
     for (Py_ssize_t i = 0; i < count; i++) PyBuffer_Release(&parts[i]);
-    Py_XDECREF(joined);
+    if (parts != stack_parts) PyMem_Free(parts);
     return result;
 }
 
@@ -339,8 +337,8 @@ static PyObject *writer_refer_to(Core *self, PyObject *const *args, Py_ssize_t n
     if (ref_kind == (unsigned long)-1 && PyErr_Occurred()) return NULL;
     Py_ssize_t ref_min = PyLong_AsSsize_t(args[2]);
     if (ref_min == -1 && PyErr_Occurred()) return NULL;
-    if (ref_kind > 0xFF || ref_min < 1) {
-        PyErr_SetString(PyExc_ValueError, "refer_to: kind must fit in the low byte and min_size be positive");
+    if (ref_kind >= 0xFF || ref_min < 1) { /* 0xFF: with every ack bit set, the kind would read as a WRAP */
+        PyErr_SetString(PyExc_ValueError, "refer_to: kind must be below 0xFF and min_size positive");
         return NULL;
     }
     self->ref_base = self->ref_end = 0;
