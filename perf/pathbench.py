@@ -30,13 +30,13 @@ sys.path.insert(0, str(ROOT))
 
 from aserver.conn.client_protocol import ClientProtocol  # noqa: E402
 from aserver.conn.server import ConnServer  # noqa: E402
-from aserver.ipc.channel import RingReceiver, RingSender  # noqa: E402
 from aserver.metrics import WorkerMetrics  # noqa: E402
 from aserver.protocol import PacketCodec  # noqa: E402
 from aserver.settings import from_dict  # noqa: E402
 from aserver.supervisor.child import open_consumer, open_producer  # noqa: E402
 from aserver.supervisor.rings import RingSet  # noqa: E402
 from aserver.worker.dispatcher import Dispatcher  # noqa: E402
+from aserver.worker.process import attach_rings  # noqa: E402
 from handlers.echo import app  # noqa: E402
 
 
@@ -101,8 +101,7 @@ async def measure(connections: int, depths: list[int], body: int, requests: int,
             link.receiver.start()
         codec = PacketCodec()
         dispatcher = Dispatcher(app, codec, loop, 64, 100_000, metrics=WorkerMetrics() if metrics else None)
-        dispatcher.attach([RingSender(open_producer(reply_producer), loop, dispatcher.on_room)],
-                          [RingReceiver(open_consumer(request_consumer), loop, dispatcher.on_records, in_place=True)])
+        attach_rings(dispatcher, loop, [(request_consumer, reply_producer)])
         dispatcher.start()
         clients = []
         for i in range(connections):
@@ -134,6 +133,7 @@ async def measure(connections: int, depths: list[int], body: int, requests: int,
                 pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
         for link in server.links:
             link.receiver.close()
+            link.requests.release()
             link.sender.close()
         for receiver in dispatcher.receivers:
             receiver.close()

@@ -20,7 +20,7 @@ from aserver.supervisor.child import (
     run_child,
     startup_failed,
 )
-from aserver.supervisor.spec import ChildSpec
+from aserver.supervisor.spec import ChildSpec, RingEnd
 from aserver.worker.dispatcher import Dispatcher
 
 log = logging.getLogger("aserver.worker")
@@ -76,17 +76,7 @@ async def _serve(spec: ChildSpec, control: ChildControl) -> None:
         report_ready(control)
         await _first(attach.wait(), control.stop.wait())
     if not control.stop.is_set():
-        senders = []
-        receivers = []
-        for index, (requests, replies) in enumerate(spec.rings):
-            reader = open_consumer(requests)
-            receivers.append(RingReceiver(reader, loop, dispatcher.on_records, in_place=True,
-                                          release=functools.partial(dispatcher.release_requests, index)))
-            writer = open_producer(replies)
-            # Large reply parts that are request bytes (zero_copy bodies) go by reference.
-            writer.refer_to(reader.segment, records.PACKETS_BY_REF, records.REF_MIN)
-            senders.append(RingSender(writer, loop, dispatcher.on_room))
-        dispatcher.attach(senders, receivers)
+        attach_rings(dispatcher, loop, spec.rings)
         periodic = [asyncio.ensure_future(_every(seconds, hook)) for seconds, hook in app.periodic]
         dispatcher.start()
         if not spec.standby:
@@ -109,6 +99,23 @@ async def _serve(spec: ChildSpec, control: ChildControl) -> None:
         sender.close()
     if dispatcher.metrics is not None:  # final counts, so a reload or stop loses none
         control.report("metrics", **dispatcher.metrics.snapshot())
+
+
+def attach_rings(dispatcher: Dispatcher, loop: asyncio.AbstractEventLoop,
+                 rings: list[tuple[RingEnd, RingEnd]]) -> None:
+    """Open the worker's ends of its rings, a (request, reply) pair per conn process, and
+    attach them: requests read in place and released through the reply ring, large reply
+    parts that are request bytes (zero_copy bodies) sent by reference."""
+    senders = []
+    receivers = []
+    for index, (requests, replies) in enumerate(rings):
+        reader = open_consumer(requests)
+        receivers.append(RingReceiver(reader, loop, dispatcher.on_records, in_place=True,
+                                      release=functools.partial(dispatcher.release_requests, index)))
+        writer = open_producer(replies)
+        writer.refer_to(reader.segment, records.PACKETS_BY_REF, records.REF_MIN)
+        senders.append(RingSender(writer, loop, dispatcher.on_room))
+    dispatcher.attach(senders, receivers)
 
 
 async def _first(*aws) -> None:
