@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from load import Load
+from load import Load, LoadResult
 
 from aserver import Status
 from aserver.client import Client
@@ -40,21 +40,27 @@ async def _served_within(server: ServerProcess, seconds: float) -> float:
         await asyncio.sleep(0.02)
 
 
+async def _kill_worker_0_under(server: ServerProcess, load: Load) -> LoadResult:
+    """Kill worker 0 half a second into `load`; its result once the worker is back."""
+    load.start()
+    await asyncio.sleep(0.5)
+    workers = server.child_pids("worker")
+    os.kill(workers[0], signal.SIGKILL)
+    server.wait_for_children("worker", 2, exclude={workers[0]})
+    assert await _served_within(server, 2.0) < 2.0
+    await asyncio.sleep(0.5)
+    result = await load.stop()
+    server.wait_for_log(r"worker 0 \(pid \d+\) was killed by SIGKILL")
+    server.wait_for_log(r"worker 0 is back")
+    return result
+
+
 async def test_worker_killed_under_load_loses_nothing() -> None:
     with _probe_server(workers=2) as server:
-        load = Load(server.address, clients=12, depth=16).start()
-        await asyncio.sleep(0.5)
-        workers = server.child_pids("worker")
-        os.kill(workers[0], signal.SIGKILL)
-        server.wait_for_children("worker", 2, exclude={workers[0]})
-        assert await _served_within(server, 2.0) < 2.0
-        await asyncio.sleep(0.5)
-        result = await load.stop()
-        assert result.wrong == []
-        assert result.disconnects == 0 and result.timeouts == 0
-        assert result.ok > 1000
-        server.wait_for_log(r"worker 0 \(pid \d+\) was killed by SIGKILL")
-        server.wait_for_log(r"worker 0 is back")
+        result = await _kill_worker_0_under(server, Load(server.address, clients=12, depth=16))
+    assert result.wrong == []
+    assert result.disconnects == 0 and result.timeouts == 0
+    assert result.ok > 1000
 
 
 async def test_worker_killed_while_replies_refer_to_its_requests_loses_nothing() -> None:
@@ -63,17 +69,10 @@ async def test_worker_killed_while_replies_refer_to_its_requests_loses_nothing()
     killed in the middle: every reply is still its own request's bytes, or WORKER_LOST."""
     with ServerProcess(workers=2, settings={"ring": {"size": 1024 * 1024},
                                             "server": {"max_packet_size": 64 * 1024}}) as server:
-        load = Load(server.address, clients=12, depth=8, body_size=16384).start()
-        await asyncio.sleep(0.5)
-        workers = server.child_pids("worker")
-        os.kill(workers[0], signal.SIGKILL)
-        server.wait_for_children("worker", 2, exclude={workers[0]})
-        await asyncio.sleep(0.5)
-        result = await load.stop()
-        assert result.wrong == []
-        assert result.disconnects == 0 and result.timeouts == 0
-        assert result.ok > 500
-        server.wait_for_log(r"worker 0 is back")
+        result = await _kill_worker_0_under(server, Load(server.address, clients=12, depth=8, body_size=16384))
+    assert result.wrong == []
+    assert result.disconnects == 0 and result.timeouts == 0
+    assert result.ok > 500
 
 
 async def test_killing_one_conn_process_closes_only_its_clients(tmp_path: Path) -> None:
