@@ -20,6 +20,7 @@ from aserver import Status
 from aserver.client import Client
 from aserver.ipc import ring as ring_module
 from aserver.metrics import LATENCY_BUCKETS, MAX_CMD_SERIES, OTHER_CMD, ChildCounters, WorkerMetrics
+from aserver.protocol import HEADER_SIZE
 from aserver.settings import Settings
 from aserver.testing import ServerProcess, settings_toml
 
@@ -182,8 +183,9 @@ async def test_reload_loses_no_count(server) -> None:
 
 async def test_large_zero_copy_replies_are_counted_as_sent_by_reference() -> None:
     """The shipped echo (zero_copy) with bodies past records.REF_MIN: where the C ring
-    writer was built, the replies that ran inline went by reference to the request ring
-    (a connection's first request may wait behind its on_connect hook, and is copied)."""
+    writer was built, the replies that ran inline went by reference to the request ring,
+    headers and all (an echo's header is its request's; a connection's first request may
+    wait behind its on_connect hook, and is copied)."""
     with ServerProcess(settings={"metrics": {"enabled": True, "bind": "127.0.0.1:0"}}) as running:
         url = re.search(r"(http://\S+/metrics)", running.wait_for_log(r"metrics: serving http://\S+/metrics")).group(1)
         bodies = [os.urandom(4096 + i) for i in range(40)]
@@ -192,8 +194,9 @@ async def test_large_zero_copy_replies_are_counted_as_sent_by_reference() -> Non
             replies = await client.call_many([(ECHO, body, 0) for body in bodies], timeout=10)
         assert [r.body for r in replies] == bodies
         by_reference = (await asyncio.to_thread(scrape, url))("aserver_conn_events_total",
-                                                              event="replies_by_reference")
-    assert by_reference == (len(bodies) if ring_module._c_core is not None else 0)
+                                                              event="reply_bytes_by_reference")
+    sent = sum(HEADER_SIZE + len(body) for body in bodies)
+    assert by_reference == (sent if ring_module._c_core is not None else 0)
 
 
 def test_other_paths_and_methods(server) -> None:

@@ -1200,7 +1200,7 @@ def test_large_reply_parts_in_the_request_ring_are_written_as_references(referri
     assert entry.unpack_from(payload, 0) == (16, 5000, DATA_OFFSET + 64)
     from aserver.conn.conn_core import referred_parts
     assert b"".join(referred_parts(payload, requests)[0]) == b"".join(parts)
-    assert referred_parts(payload, requests)[1] == 2
+    assert referred_parts(payload, requests)[1] == 5000 + records.REF_MIN
     # A box of many replies (past the parts the C writer keeps on its stack) is no different.
     many = [part for i in range(40) for part in (b"H" * 16, requests[DATA_OFFSET + i * 1024 :][: records.REF_MIN])]
     assert replies.writer.try_write(records.PACKETS, 9, many)
@@ -1208,7 +1208,7 @@ def test_large_reply_parts_in_the_request_ring_are_written_as_references(referri
     (kind, _, payload), = replies.reader.read_batch(10)
     assert (kind, len(payload)) == (records.PACKETS_BY_REF, 40 * (entry.size + 16))
     parts_back, refs = referred_parts(payload, requests)
-    assert refs == 40 and b"".join(parts_back) == b"".join(many)
+    assert refs == 40 * records.REF_MIN and b"".join(parts_back) == b"".join(many)
     del parts_back
     del many
     del body, small, header_area, exact
@@ -1242,3 +1242,47 @@ def test_a_bad_reference_record_is_refused(payload, error, make_ring):
     requests = make_ring(1 << 16).reader.segment
     with pytest.raises(ValueError, match=error):
         referred_parts(payload, requests)
+
+
+def test_echoed_requests_go_as_one_reference_to_their_own_bytes(make_ring):
+    """A reply header equal to the ring bytes just before its body (an echo's header is
+    its request's) joins the reference, and references that meet are one: a run of
+    echoes is one reference to the run of requests. Anything else stays as it was."""
+    if ring_module._c_core is None:
+        pytest.skip("the C ring core was not built here (no C compiler at install time)")
+    from aserver.conn.conn_core import referred_parts
+    from aserver.protocol import HEADER_SIZE, PacketCodec
+
+    codec = PacketCodec()
+    requests, replies = make_ring(1 << 16), make_ring(1 << 16)
+    replies.writer.refer_to(requests.reader.segment, records.PACKETS_BY_REF, records.REF_MIN)
+    packets = [codec.encode(1, bytes([i]) * (2000 + i), seq_num=i) for i in range(4)]
+    run = b"".join(packets)
+    requests.writer.segment[DATA_OFFSET + 16 : DATA_OFFSET + 16 + len(run)] = run  # as a record's payload
+    ring = requests.reader.segment.toreadonly()
+    starts = [DATA_OFFSET + 16 + sum(map(len, packets[:i])) for i in range(4)]
+    bodies = [ring[start + HEADER_SIZE : start + len(packet)] for start, packet in zip(starts, packets, strict=True)]
+    own = [bytes(ring[start : start + HEADER_SIZE]) for start in starts]
+    failed = codec.header.pack(HEADER_SIZE + len(bodies[2]), 2, 1, 1, 0)  # not the request's header
+    parts = [own[0], bodies[0], own[1], bodies[1], failed, bodies[2], own[3], bodies[3], b"tail"]
+    assert replies.writer.try_write(records.PACKETS, 5, parts)
+    replies.writer.publish()
+    (kind, _, payload), = replies.reader.read_batch(10)
+    entry = records.REF_ENTRY
+    assert kind == records.PACKETS_BY_REF
+    assert entry.unpack_from(payload, 0) == (0, len(packets[0]) + len(packets[1]), starts[0])  # two echoes: one
+    # The third reply's header is copied; its body and the fourth echo are one reference.
+    assert entry.unpack_from(payload, entry.size) == (HEADER_SIZE, len(bodies[2]) + len(packets[3]),
+                                                      starts[2] + HEADER_SIZE)
+    assert entry.unpack_from(payload, 2 * entry.size + HEADER_SIZE) == (len(b"tail"), 0, 0)
+    assert len(payload) == 3 * entry.size + HEADER_SIZE + len(b"tail")
+    got, referred = referred_parts(payload, ring)
+    assert referred == len(packets[0]) + len(packets[1]) + len(bodies[2]) + len(packets[3])
+    assert b"".join(got) == b"".join(parts)
+    # At the very front of the ring there is nothing before a body to compare its header with.
+    front = ring[DATA_OFFSET : DATA_OFFSET + records.REF_MIN]
+    assert replies.writer.try_write(records.PACKETS, 6, [bytes(ring[DATA_OFFSET - 16 : DATA_OFFSET]), front])
+    replies.writer.publish()
+    (_, _, payload), = replies.reader.read_batch(10)
+    assert entry.unpack_from(payload, 0) == (16, records.REF_MIN, DATA_OFFSET)
+    del bodies, got, front, ring

@@ -51,7 +51,7 @@ static PyObject *InFlight, *Deque;
 static unsigned long packets_kind, close_kind, release_kind, by_ref_kind, ack_shift, kind_mask;
 static Py_ssize_t header_size;
 static PyObject *s_receive, *s_sender, *s_max_payload, *s_records_sent, *s_reserve, *s_commit,
-    *s_requests, *s_replies_to_closed, *s_replies_by_reference, *s_append, *s_popleft, *s_remaining, *s_close,
+    *s_requests, *s_replies_to_closed, *s_reply_bytes_by_reference, *s_append, *s_popleft, *s_remaining, *s_close,
     *s_is_closing, *s_write, *s_get_write_buffer_size, *s_too_much_unread, *packets_obj;
 
 static PyTypeObject CoreType;
@@ -496,9 +496,9 @@ typedef struct {
 } RefEntry;
 
 /* Queue a PACKETS_BY_REF record's parts on `core` (conn_core.referred_parts): views of
-   its inline bytes and of the request ring bytes it refers to, counting the references
-   in *refs. 1: the first reply queued since the last flush; 0: not; -1: error. */
-static int queue_referred(Core *core, PyObject *payload, PyObject *requests, Py_ssize_t *refs) {
+   its inline bytes and of the request ring bytes it refers to, adding those to *referred.
+   1: the first reply queued since the last flush; 0: not; -1: error. */
+static int queue_referred(Core *core, PyObject *payload, PyObject *requests, Py_ssize_t *referred) {
     Py_buffer record, ring;
     if (PyObject_GetBuffer(payload, &record, PyBUF_SIMPLE) < 0) return -1;
     if (PyObject_GetBuffer(requests, &ring, PyBUF_SIMPLE) < 0) {
@@ -537,7 +537,7 @@ static int queue_referred(Core *core, PyObject *payload, PyObject *requests, Py_
                 Py_XDECREF(part);
                 if (queued < 0) goto fail;
                 first |= queued;
-                *refs += 1;
+                *referred += (Py_ssize_t)entry.ref_length;
             }
         }
     }
@@ -598,10 +598,10 @@ static PyObject *core_route_replies(PyObject *unused, PyObject *const *args, Py_
                 failed = first < 0 || (first && PyList_Append(pending, conn) < 0);
             }
         } else if (kind == by_ref_kind) {
-            Py_ssize_t refs = 0;
-            int first = queue_referred(core, payload, requests, &refs);
+            Py_ssize_t referred = 0;
+            int first = queue_referred(core, payload, requests, &referred);
             failed = first < 0 || (first && PyList_Append(pending, conn) < 0) ||
-                     count_in(stats, s_replies_by_reference, refs) < 0;
+                     count_in(stats, s_reply_bytes_by_reference, referred) < 0;
         } else if (kind == close_kind) {
             PyObject *r = PyObject_CallMethodNoArgs(conn, s_close);
             failed = r == NULL;
@@ -761,7 +761,7 @@ static int intern_names(void) {
     NAME(s_commit, "commit");
     NAME(s_requests, "requests");
     NAME(s_replies_to_closed, "replies_to_closed");
-    NAME(s_replies_by_reference, "replies_by_reference");
+    NAME(s_reply_bytes_by_reference, "reply_bytes_by_reference");
     NAME(s_append, "append");
     NAME(s_popleft, "popleft");
     NAME(s_remaining, "remaining");

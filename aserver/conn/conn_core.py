@@ -199,11 +199,11 @@ class ConnCore:
                 if payload and conn.queue_reply(payload):
                     pending.append(conn)
             elif kind == records.PACKETS_BY_REF:
-                parts, refs = referred_parts(payload, requests)
+                parts, referred = referred_parts(payload, requests)
                 for part in parts:
                     if conn.queue_reply(part):
                         pending.append(conn)
-                stats["replies_by_reference"] += refs
+                stats["reply_bytes_by_reference"] += referred
             elif kind == records.CLOSE:
                 conn.close()
             if answered:
@@ -215,10 +215,10 @@ class ConnCore:
 
 def referred_parts(payload: bytes | memoryview, requests: memoryview) -> tuple[list[memoryview], int]:
     """A PACKETS_BY_REF record's bytes in order (views of its inline parts and of the
-    request ring bytes it refers to), and how many of them it refers to."""
+    request ring bytes it refers to), and how many bytes it refers to."""
     view = memoryview(payload)
     parts = []
-    refs = 0
+    referred = 0
     pos = 0
     entry = records.REF_ENTRY
     while pos < len(view):
@@ -235,8 +235,8 @@ def referred_parts(payload: bytes | memoryview, requests: memoryview) -> tuple[l
             if offset + length > len(requests):
                 raise ValueError(f"PACKETS_BY_REF refers past its request ring ({offset} + {length})")
             parts.append(requests[offset : offset + length])
-            refs += 1
-    return parts, refs
+            referred += length
+    return parts, referred
 
 
 def packet_headers(run: bytes | bytearray | memoryview, count: int, big_endian: bool) -> bytes:

@@ -198,6 +198,59 @@ static int record_ids(PyObject *kind_obj, PyObject *conn_obj, unsigned long long
     return 0;
 }
 
+/* How a list part goes into a record: copied, as (the start of) a reference, or not at
+   all, being part of a reference an earlier part starts. */
+enum { INLINE, REFERENCE, FOLDED };
+typedef struct {
+    char how;
+    uintptr_t at;       /* REFERENCE: where in the referred-to segment it starts */
+    unsigned long long length; /* REFERENCE: its bytes, the parts folded into it included */
+} Span;
+
+/* The longest inline part compared with the ring bytes before a reference (a header). */
+#define FOLD_MAX 256
+
+/* Plan a list's parts (see Span): a part of ref_min bytes or more in the referred-to
+   segment is a reference; the inline part just before it joins it when its bytes are the
+   ones just before it in that segment (an echo's header, equal to its request's); and a
+   reference that starts where the one before it ends, nothing between, extends that one.
+   A run of echoed requests thus goes as one reference to their own bytes. Returns the
+   number of references. */
+static unsigned long long plan_references(const Core *self, const Py_buffer *parts, Py_ssize_t count, Span *plan) {
+    unsigned long long references = 0;
+    Py_ssize_t open = -1;        /* the reference nothing was copied after yet, if any */
+    Py_ssize_t inline_since = 0; /* inline parts since the last reference */
+    uintptr_t first = self->ref_base + DATA_OFFSET; /* its records; not its header */
+    for (Py_ssize_t i = 0; i < count; i++) {
+        uintptr_t at = (uintptr_t)parts[i].buf;
+        unsigned long long length = (unsigned long long)parts[i].len;
+        if (!(parts[i].len >= self->ref_min && at >= first && at + length <= self->ref_end)) {
+            plan[i].how = INLINE;
+            inline_since++;
+            continue;
+        }
+        if (inline_since && plan[i - 1].how == INLINE && parts[i - 1].len <= FOLD_MAX &&
+            (uintptr_t)parts[i - 1].len <= at - first &&
+            memcmp(parts[i - 1].buf, (const void *)(at - (uintptr_t)parts[i - 1].len), parts[i - 1].len) == 0) {
+            plan[i - 1].how = FOLDED;
+            at -= (uintptr_t)parts[i - 1].len;
+            length += (unsigned long long)parts[i - 1].len;
+            inline_since--;
+        }
+        if (open >= 0 && !inline_since && plan[open].at + plan[open].length == at &&
+            plan[open].length + length <= 0xFFFFFFFFull) {
+            plan[open].length += length;
+            plan[i].how = FOLDED;
+        } else {
+            plan[i] = (Span){REFERENCE, at, length};
+            open = i;
+            references++;
+        }
+        inline_since = 0;
+    }
+    return references;
+}
+
 /* try_write(kind, conn_id, payload) -> bool. payload: a buffer, or a list of buffers
    copied in one after another (what b"".join would make, without making it). */
 #define STACK_PARTS 64 /* parts held on the stack; a longer list's are allocated */
@@ -210,18 +263,18 @@ static PyObject *writer_try_write(Core *self, PyObject *const *args, Py_ssize_t 
     if (record_ids(args[0], args[1], &kind, &conn_id) < 0) return NULL;
     PyObject *source = args[2];
     Py_buffer stack_parts[STACK_PARTS];
-    char stack_refs[STACK_PARTS];
+    Span stack_plan[STACK_PARTS];
     Py_buffer *parts = stack_parts;
-    char *is_ref = stack_refs;
+    Span *plan = stack_plan;
     Py_ssize_t count = 0;
     unsigned long long length = 0;
     PyObject *result = NULL;
     if (PyList_CheckExact(source)) {
         Py_ssize_t wanted = PyList_GET_SIZE(source);
         if (wanted > STACK_PARTS) {
-            parts = PyMem_Malloc((size_t)wanted * (sizeof *parts + 1));
+            parts = PyMem_Malloc((size_t)wanted * (sizeof *parts + sizeof *plan));
             if (parts == NULL) return PyErr_NoMemory();
-            is_ref = (char *)(parts + wanted);
+            plan = (Span *)(parts + wanted);
         }
         /* Bounded by the size we made room for, whatever a part's buffer export does to the list. */
         while (count < PyList_GET_SIZE(source) && count < wanted) {
@@ -248,16 +301,13 @@ static PyObject *writer_try_write(Core *self, PyObject *const *args, Py_ssize_t 
     unsigned long long entries = 0;
     if (self->ref_end && PyList_CheckExact(source)) {
         unsigned long long inlined = 0, trailing = 0; /* inline bytes in all; after the last reference */
+        entries = plan_references(self, parts, count, plan);
         for (Py_ssize_t i = 0; i < count; i++) {
-            uintptr_t at = (uintptr_t)parts[i].buf;
-            is_ref[i] = parts[i].len >= self->ref_min && at >= self->ref_base + DATA_OFFSET &&
-                        at + (uintptr_t)parts[i].len <= self->ref_end;
-            if (is_ref[i]) {
-                entries++;
-                trailing = 0;
-            } else {
+            if (plan[i].how == INLINE) {
                 inlined += (unsigned long long)parts[i].len;
                 trailing += (unsigned long long)parts[i].len;
+            } else if (plan[i].how == REFERENCE) {
+                trailing = 0;
             }
         }
         if (entries) length = inlined + (entries + (trailing > 0)) * sizeof(RefEntry);
@@ -278,14 +328,14 @@ static PyObject *writer_try_write(Core *self, PyObject *const *args, Py_ssize_t 
         char *entry_at = to;
         to += sizeof(RefEntry);
         for (Py_ssize_t i = 0; i < count; i++) {
-            if (is_ref[i]) {
-                entry.ref_length = (uint32_t)parts[i].len;
-                entry.ref_offset = (uint64_t)((uintptr_t)parts[i].buf - self->ref_base);
+            if (plan[i].how == REFERENCE) {
+                entry.ref_length = (uint32_t)plan[i].length;
+                entry.ref_offset = (uint64_t)(plan[i].at - self->ref_base);
                 memcpy(entry_at, &entry, sizeof(RefEntry));
                 entry.inline_length = 0;
                 entry_at = to;
                 to += sizeof(RefEntry);
-            } else {
+            } else if (plan[i].how == INLINE) {
                 memcpy(to, parts[i].buf, parts[i].len);
                 to += parts[i].len;
                 entry.inline_length += (uint32_t)parts[i].len;
