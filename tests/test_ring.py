@@ -1279,6 +1279,17 @@ def test_echoed_requests_go_as_one_reference_to_their_own_bytes(make_ring):
     got, referred = referred_parts(payload, ring)
     assert referred == len(packets[0]) + len(packets[1]) + len(bodies[2]) + len(packets[3])
     assert b"".join(got) == b"".join(parts)
+    # A header that differs only in its last byte, a view repeated, views that overlap:
+    # each stays what it is.
+    last_byte = own[1][:-1] + bytes([own[1][-1] ^ 1])
+    overlapping = ring[starts[0] + HEADER_SIZE + 100 : starts[0] + len(packets[0]) + 500]
+    for parts in ([own[0], bodies[0], last_byte, bodies[1]], [own[0], bodies[0], own[0], bodies[0]],
+                  [bodies[0], overlapping], [own[1], bodies[1], bodies[1]]):
+        assert replies.writer.try_write(records.PACKETS, 7, parts)
+        replies.writer.publish()
+        (kind, _, payload), = replies.reader.read_batch(10)
+        assert kind == records.PACKETS_BY_REF and b"".join(referred_parts(payload, ring)[0]) == b"".join(parts)
+    del overlapping
     # At the very front of the ring there is nothing before a body to compare its header with.
     front = ring[DATA_OFFSET : DATA_OFFSET + records.REF_MIN]
     assert replies.writer.try_write(records.PACKETS, 6, [bytes(ring[DATA_OFFSET - 16 : DATA_OFFSET]), front])

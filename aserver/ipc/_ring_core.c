@@ -207,8 +207,11 @@ typedef struct {
     unsigned long long length; /* REFERENCE: its bytes, the parts folded into it included */
 } Span;
 
-/* The longest inline part compared with the ring bytes before a reference (a header). */
-#define FOLD_MAX 256
+/* The longest inline part compared with the ring bytes before a reference: a packet
+   header (18 bytes). A body starts at least that far, plus the 16-byte record header,
+   into its record, so a fold stays in the body's own record, which is not freed before
+   the reply is sent; a longer one could reach a freed record the conn process reuses. */
+#define FOLD_MAX 32
 
 /* Plan a list's parts (see Span): a part of ref_min bytes or more in the referred-to
    segment is a reference; the inline part just before it joins it when its bytes are the
