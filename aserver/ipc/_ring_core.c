@@ -218,9 +218,11 @@ typedef struct {
    ones just before it in that segment (an echo's header, equal to its request's); and a
    reference that starts where the one before it ends, nothing between, extends that one.
    A run of echoed requests thus goes as one reference to their own bytes. Returns the
-   number of references. */
-static unsigned long long plan_references(const Core *self, const Py_buffer *parts, Py_ssize_t count, Span *plan) {
+   number of references; when there are any, sets *length to the record's payload size. */
+static unsigned long long plan_references(const Core *self, const Py_buffer *parts, Py_ssize_t count, Span *plan,
+                                          unsigned long long *length_out) {
     unsigned long long references = 0;
+    unsigned long long inlined = 0, trailing = 0; /* inline bytes in all; since the last reference */
     Py_ssize_t open = -1;        /* the reference nothing was copied after yet, if any */
     Py_ssize_t inline_since = 0; /* inline parts since the last reference */
     uintptr_t first = self->ref_base + DATA_OFFSET; /* its records; not its header */
@@ -230,14 +232,18 @@ static unsigned long long plan_references(const Core *self, const Py_buffer *par
         if (!(parts[i].len >= self->ref_min && at >= first && at + length <= self->ref_end)) {
             plan[i].how = INLINE;
             inline_since++;
+            inlined += length;
+            trailing += length;
             continue;
         }
-        if (inline_since && plan[i - 1].how == INLINE && parts[i - 1].len <= FOLD_MAX &&
+        /* inline_since: part i - 1 is inline (a part is folded only with the one after it) */
+        if (inline_since && parts[i - 1].len <= FOLD_MAX &&
             (uintptr_t)parts[i - 1].len <= at - first &&
             memcmp(parts[i - 1].buf, (const void *)(at - (uintptr_t)parts[i - 1].len), parts[i - 1].len) == 0) {
             plan[i - 1].how = FOLDED;
             at -= (uintptr_t)parts[i - 1].len;
             length += (unsigned long long)parts[i - 1].len;
+            inlined -= (unsigned long long)parts[i - 1].len;
             inline_since--;
         }
         if (open >= 0 && !inline_since && plan[open].at + plan[open].length == at &&
@@ -250,7 +256,10 @@ static unsigned long long plan_references(const Core *self, const Py_buffer *par
             references++;
         }
         inline_since = 0;
+        trailing = 0;
     }
+    /* Each reference is an entry; inline bytes after the last one make one more. */
+    if (references) *length_out = inlined + (references + (trailing > 0)) * sizeof(RefEntry);
     return references;
 }
 
@@ -302,19 +311,7 @@ static PyObject *writer_try_write(Core *self, PyObject *const *args, Py_ssize_t 
     if (!attached(self)) goto done;
     /* Parts that lie in the referred-to segment go as references (records.PACKETS_BY_REF). */
     unsigned long long entries = 0;
-    if (self->ref_end && PyList_CheckExact(source)) {
-        unsigned long long inlined = 0, trailing = 0; /* inline bytes in all; after the last reference */
-        entries = plan_references(self, parts, count, plan);
-        for (Py_ssize_t i = 0; i < count; i++) {
-            if (plan[i].how == INLINE) {
-                inlined += (unsigned long long)parts[i].len;
-                trailing += (unsigned long long)parts[i].len;
-            } else if (plan[i].how == REFERENCE) {
-                trailing = 0;
-            }
-        }
-        if (entries) length = inlined + (entries + (trailing > 0)) * sizeof(RefEntry);
-    }
+    if (self->ref_end && PyList_CheckExact(source)) entries = plan_references(self, parts, count, plan, &length);
     if (length > (unsigned long long)self->max_payload) {
         PyErr_Format(PyExc_ValueError, "record of %llu bytes exceeds ring limit %zd", length, self->max_payload);
         goto done;
