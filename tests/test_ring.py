@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import itertools
 import os
 import select
+import struct
 import subprocess
 import sys
+import termios
 import textwrap
 import time
 import uuid
@@ -97,6 +100,11 @@ def pipe_bytes(fd: int) -> int:
     except BlockingIOError:
         pass
     return total
+
+
+def pipe_pending(fd: int) -> int:
+    """Bytes waiting in a pipe, left there."""
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
 
 
 def payload_for(i: int, size: int) -> bytes:
@@ -801,6 +809,10 @@ async def test_receiver_wakes_on_pipe_after_idle(make_ring):
             # the producer frees what the consumer read (a RELEASE record), or past its end
             st.tuples(st.just("released"), st.sampled_from([0, 8])),
             st.tuples(st.just("drain")),  # publish, read everything, release: an empty ring
+            st.tuples(st.just("mark_taken")),
+            # the wakeup steps: a side says it sleeps or waits; the other's publish or
+            # release pokes it; it is woken (its pipe drained)
+            st.tuples(st.sampled_from(["prepare_sleep", "wait_for_space", "woken", "space_woken"])),
         ),
         max_size=120,
     ),
@@ -812,10 +824,22 @@ async def test_receiver_wakes_on_pipe_after_idle(make_ring):
 )
 @example(capacity=512, rewind_at=NO_REWIND, ops=[("write", 300, 1), ("drain",), ("reserve", 100, 50, 40, 2),
                                                  ("reserve", 100, 100, 101, 2), ("reserve", 0, 0, 0, 2**32 - 1)])
+@example(  # a sleeper is poked once however often the other side publishes; woken empties the pipe
+    capacity=512, rewind_at=NO_REWIND, ops=[("prepare_sleep",), ("publish",), ("write", 10, 1), ("publish",),
+                                            ("write", 10, 1), ("publish",), ("prepare_sleep",), ("woken",),
+                                            ("prepare_sleep",)]
+)
+@example(  # a waiting writer is poked by a release, and sees the room when woken
+    capacity=512, rewind_at=NO_REWIND, ops=[("write", 100, 1)] * 4 + [("publish",), ("wait_for_space",),
+                                            ("read", 2), ("mark_taken",), ("release",), ("release",),
+                                            ("space_woken",), ("wait_for_space",), ("read", 1), ("release",),
+                                            ("wait_for_space",), ("write", 100, 1)]
+)
 def test_c_and_python_cores_agree(capacity, rewind_at, ops):
-    """The C per-record steps (_ring_core.c) and the Python ones (ring_core.py) given the
-    same operations: the same answers, positions and counts, and byte for byte the same
-    segment. (The rest of this module runs on whichever one ring.py picked.)"""
+    """The C per-record and per-batch steps (_ring_core.c) and the Python ones
+    (ring_core.py) given the same operations: the same answers, positions, counts, flags
+    and wakeup bytes, and byte for byte the same segment. (The rest of this module runs
+    on whichever one ring.py picked.)"""
     if ring_module._c_core is None:
         pytest.skip("the C ring core was not built here (no C compiler at install time)")
     sides = []
@@ -823,11 +847,15 @@ def test_c_and_python_cores_agree(capacity, rewind_at, ops):
         shm = create_segment(f"aserver-test-{uuid.uuid4().hex[:16]}", capacity)
         writer, reader = core.WriterCore(shm), core.ReaderCore(shm)
         writer.rewind_at = rewind_at
-        sides.append((shm, shm.buf.cast("Q"), writer, reader))
+        wake_read, wake_write = os.pipe2(os.O_NONBLOCK)
+        space_read, space_write = os.pipe2(os.O_NONBLOCK)
+        writer.wake_fd, reader.wake_fd = wake_write, wake_read
+        writer.space_fd, reader.space_fd = space_read, space_write
+        sides.append((shm, shm.buf.cast("Q"), writer, reader, (wake_read, wake_write, space_read, space_write)))
     try:
         for serial, op in enumerate(ops):
             answers = []
-            for shm, words, writer, reader in sides:
+            for shm, words, writer, reader, pipes in sides:
                 if op[0] == "write":
                     data = bytes(range(256)) * 5
                     payload = data[serial % 7 : serial % 7 + op[1]]
@@ -858,25 +886,30 @@ def test_c_and_python_cores_agree(capacity, rewind_at, ops):
                     answers.append([(kind, conn_id, bytes(p)) for kind, conn_id, p in got])
                     del got
                 elif op[0] == "release":
-                    words[16] = reader._read
+                    reader.release()
                 elif op[0] == "released":
                     try:
                         writer.released(writer._write + op[1] if op[1] else reader._read)
                         answers.append(words[16])
                     except ValueError as exc:
                         answers.append(str(exc))
+                elif op[0] in ("mark_taken", "prepare_sleep", "wait_for_space", "woken", "space_woken"):
+                    answers.append(getattr(reader if hasattr(reader, op[0]) else writer, op[0])())
                 if op[0] in ("publish", "drain"):
-                    words[8] = writer._write
-                    writer.unpublished = 0
+                    writer.publish()
                 if op[0] == "drain":
                     answers.append(reader.read_batch(10_000))
-                    words[16] = reader._read
+                    reader.release()
+                # every shared word, and the wakeup bytes waiting in each pipe
                 answers.append((writer._write, writer._read, writer.unpublished, writer.records_written,
-                                reader._read, reader._records_read))
+                                reader._read, reader._records_read, [words[i] for i in range(0, 48, 8)],
+                                pipe_pending(pipes[0]), pipe_pending(pipes[2])))
             assert answers[: len(answers) // 2] == answers[len(answers) // 2 :], op
         assert bytes(sides[0][0].buf) == bytes(sides[1][0].buf)
     finally:
-        for shm, words, writer, reader in sides:
+        for shm, words, writer, reader, pipes in sides:
+            for fd in pipes:
+                os.close(fd)
             words.release()
             writer.detach()
             reader.detach()

@@ -3,17 +3,21 @@
  *
  * ring_core.py is the same code in Python (the fallback when no C compiler was there at
  * install time) and the description of what these do; the layout is in ring.py. Each
- * side's positions live in this object, as attributes ring.py reads and sets; ring.py
- * publishes them with plain stores, so, like the pure-Python ring, this relies on x86's
- * ordering (stores are not reordered with older stores, loads not with older loads).
+ * side's positions live in this object, as attributes ring.py reads and sets, and the
+ * per-batch steps here publish them (release stores; a full fence where a side announces
+ * itself before it looks at the other). ring.py's own stores (at attach, skip, discard)
+ * are plain, so, like the pure-Python ring, this relies on x86's ordering (stores are
+ * not reordered with older stores, loads not with older loads).
  * Unlike mmap slicing, nothing here is bounds-checked by Python: every offset is checked
  * against the capacity, and the capacity against the mapping, before it is used.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#include <unistd.h>
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "records are little-endian and copied as native words; use ring_core.py on this host"
@@ -21,13 +25,16 @@
 
 /* What aserver/native.py expects: raise it whenever a call's signature or meaning
    changes, so a stale build is not used. */
-#define RING_CORE_ABI 5
+#define RING_CORE_ABI 6
 
 #define DATA_OFFSET 384
 #define HEADER_SIZE 16
 #define KIND_WRAP 0xFFFFFFFFu
 #define WORD_WRITE_POS 8
 #define WORD_READ_POS 16
+#define WORD_READER_SLEEPING 24
+#define WORD_WRITER_WAITING 32
+#define WORD_RECORDS_READ 40
 
 typedef struct {
     uint32_t length;
@@ -55,6 +62,8 @@ typedef struct {
     uintptr_t ref_base, ref_end; /* its start and end; 0, 0: refer to nothing */
     Py_ssize_t ref_min;
     unsigned long ref_kind; /* the low byte of such a record's kind */
+    int wake_fd;  /* the data pipe: writer, write end (pokes); reader, read end (drained) */
+    int space_fd; /* the space pipe: writer, read end (drained); reader, write end (pokes) */
 } Core;
 
 /* A reference entry of a record: see records.py, PACKETS_BY_REF and REF_ENTRY. */
@@ -66,6 +75,45 @@ typedef struct {
 
 static uint64_t load_word(const Core *self, int index) {
     return __atomic_load_n((uint64_t *)self->base + index, __ATOMIC_ACQUIRE);
+}
+
+static void store_word(const Core *self, int index, uint64_t value) {
+    __atomic_store_n((uint64_t *)self->base + index, value, __ATOMIC_RELEASE);
+}
+
+/* Store one of our words (a position or a flag), then read one of the other side's: the
+   full fence keeps the load from passing the store (each side announces itself before it
+   looks at the other, so no wakeup is lost). ring_core.fence is the pure-Python one. */
+static uint64_t announce_then_load(const Core *self, int flag, uint64_t value, int index) {
+    store_word(self, flag, value);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return load_word(self, index);
+}
+
+/* One byte down a wake pipe (ring_core.poke): a full pipe already holds a wakeup. */
+static int poke(int fd) {
+    while (write(fd, "", 1) < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
+        if (errno != EINTR) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Empty a wake pipe's read end (ring_core.drain_pipe). */
+static int drain(int fd) {
+    char sink[4096];
+    for (;;) {
+        ssize_t got = read(fd, sink, sizeof sink);
+        if (got == (ssize_t)sizeof sink) continue;
+        if (got >= 0 || errno == EAGAIN || errno == EWOULDBLOCK) return 0;
+        if (errno != EINTR) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+    }
 }
 
 /* __init__(shm): attach to a SharedMemory's buffer. */
@@ -98,6 +146,7 @@ static int core_init(Core *self, PyObject *args, PyObject *Py_UNUSED(kwds)) {
     }
     self->base = self->view.buf;
     self->reserved = -1;
+    self->wake_fd = self->space_fd = -1;
     self->capacity = load_word(self, 0);
     if (self->capacity == 0 || self->capacity > (unsigned long long)self->view.len - DATA_OFFSET) {
         PyBuffer_Release(&self->view);
@@ -502,6 +551,69 @@ fail:
     return NULL;
 }
 
+/* The per-batch steps: ring_core.WriterCore and ReaderCore describe each. */
+
+static PyObject *writer_publish(Core *self, PyObject *Py_UNUSED(unused)) {
+    if (self->unpublished == 0) Py_RETURN_NONE;
+    if (!attached(self)) return NULL;
+    self->unpublished = 0;
+    if (announce_then_load(self, WORD_WRITE_POS, self->position, WORD_READER_SLEEPING)) {
+        store_word(self, WORD_READER_SLEEPING, 0); /* one byte per sleep */
+        if (poke(self->wake_fd) < 0) return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *writer_wait_for_space(Core *self, PyObject *Py_UNUSED(unused)) {
+    if (!attached(self)) return NULL;
+    unsigned long long read = announce_then_load(self, WORD_WRITER_WAITING, 1, WORD_READ_POS);
+    if (read != self->other) {
+        self->other = read;
+        store_word(self, WORD_WRITER_WAITING, 0);
+        Py_RETURN_TRUE;
+    }
+    Py_RETURN_FALSE;
+}
+
+static PyObject *writer_space_woken(Core *self, PyObject *Py_UNUSED(unused)) {
+    if (!attached(self) || drain(self->space_fd) < 0) return NULL;
+    store_word(self, WORD_WRITER_WAITING, 0);
+    self->other = load_word(self, WORD_READ_POS);
+    Py_RETURN_NONE;
+}
+
+static PyObject *reader_mark_taken(Core *self, PyObject *Py_UNUSED(unused)) {
+    if (!attached(self)) return NULL;
+    store_word(self, WORD_RECORDS_READ, self->records);
+    Py_RETURN_NONE;
+}
+
+static PyObject *reader_release(Core *self, PyObject *Py_UNUSED(unused)) {
+    if (!attached(self)) return NULL;
+    if (load_word(self, WORD_READ_POS) == self->position) Py_RETURN_NONE;
+    store_word(self, WORD_RECORDS_READ, self->records);
+    if (announce_then_load(self, WORD_READ_POS, self->position, WORD_WRITER_WAITING)) {
+        store_word(self, WORD_WRITER_WAITING, 0); /* one byte per wait */
+        if (poke(self->space_fd) < 0) return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *reader_prepare_sleep(Core *self, PyObject *Py_UNUSED(unused)) {
+    if (!attached(self)) return NULL;
+    if (announce_then_load(self, WORD_READER_SLEEPING, 1, WORD_WRITE_POS) != self->position) {
+        store_word(self, WORD_READER_SLEEPING, 0);
+        Py_RETURN_FALSE;
+    }
+    Py_RETURN_TRUE;
+}
+
+static PyObject *reader_woken(Core *self, PyObject *Py_UNUSED(unused)) {
+    if (!attached(self) || drain(self->wake_fd) < 0) return NULL;
+    store_word(self, WORD_READER_SLEEPING, 0);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef writer_methods[] = {
     {"try_write", (PyCFunction)(void (*)(void))writer_try_write, METH_FASTCALL,
      "Copy one record in, or return False when there is no room (nothing written)."},
@@ -513,11 +625,25 @@ static PyMethodDef writer_methods[] = {
      "Write list parts that lie in `segment` as references (see ring_core.WriterCore.refer_to)."},
     {"commit", (PyCFunction)(void (*)(void))writer_commit, METH_FASTCALL,
      "Make the first `length` reserved payload bytes (written in place) a record."},
+    {"publish", (PyCFunction)writer_publish, METH_NOARGS,
+     "Make written records visible; wake the consumer if it sleeps."},
+    {"wait_for_space", (PyCFunction)writer_wait_for_space, METH_NOARGS,
+     "Announce that we wait for room; True if room appeared meanwhile (then do not wait)."},
+    {"space_woken", (PyCFunction)writer_space_woken, METH_NOARGS,
+     "The space pipe is readable: drain it, clear the flag, see the consumer's position."},
     {"detach", (PyCFunction)core_detach, METH_NOARGS, "Let go of the segment's buffer (before it is closed)."},
     {NULL},
 };
 
 static PyMethodDef reader_methods[] = {
+    {"mark_taken", (PyCFunction)reader_mark_taken, METH_NOARGS,
+     "Publish how many records we have taken, before handling them."},
+    {"release", (PyCFunction)reader_release, METH_NOARGS,
+     "Publish our read position (and records taken); wake the producer if it waits for room."},
+    {"prepare_sleep", (PyCFunction)reader_prepare_sleep, METH_NOARGS,
+     "Say we are going to wait; False if records arrived meanwhile (drain again instead)."},
+    {"woken", (PyCFunction)reader_woken, METH_NOARGS,
+     "The data pipe is readable: drain it and clear the flag, before draining the ring."},
     {"read_batch", (PyCFunction)(void (*)(void))reader_read_batch, METH_FASTCALL,
      "Up to `limit` records as (kind, conn_id, payload); does not free them. Payloads are copies, "
      "or with in_place read-only views of the ring (their bytes are valid until release)."},
@@ -533,6 +659,8 @@ static PyMemberDef writer_members[] = {
     {"_read", T_ULONGLONG, offsetof(Core, other), 0, NULL},
     {"unpublished", T_ULONGLONG, offsetof(Core, unpublished), 0, NULL},
     {"records_written", T_ULONGLONG, offsetof(Core, records), 0, NULL},
+    {"wake_fd", T_INT, offsetof(Core, wake_fd), 0, NULL},
+    {"space_fd", T_INT, offsetof(Core, space_fd), 0, NULL},
     {NULL},
 };
 
@@ -541,6 +669,8 @@ static PyMemberDef reader_members[] = {
     {"max_payload", T_PYSSIZET, offsetof(Core, max_payload), READONLY, NULL},
     {"_read", T_ULONGLONG, offsetof(Core, position), 0, NULL},
     {"_records_read", T_ULONGLONG, offsetof(Core, records), 0, NULL},
+    {"wake_fd", T_INT, offsetof(Core, wake_fd), 0, NULL},
+    {"space_fd", T_INT, offsetof(Core, space_fd), 0, NULL},
     {NULL},
 };
 

@@ -35,39 +35,40 @@ in eight paused its connection for room.
 Wakeups: the producer writes a byte to the data pipe only when the consumer has said it is
 asleep; the consumer writes to the space pipe only when the producer has said it waits.
 Each side stores its flag, fences, then re-reads the other side's position, so a wakeup
-cannot be lost between the check and the wait (x86 may reorder a store with a later load;
-a lock round trip is a full fence). The side that sends the byte clears the flag first, so
-a sleeper gets one byte however often the other side publishes before it runs again (a
-stale clear is always followed by its byte, so it cannot lose a wakeup either). Both
-sides also poll on a slow timer as a safety net.
+cannot be lost between the check and the wait (x86 may reorder a store with a later load:
+the C core fences, ring_core.fence takes a lock, whose atomic instructions fence). The
+side that sends the byte clears the flag first, so a sleeper gets one byte however often
+the other side publishes before it runs again (a stale clear is always followed by its
+byte, so it cannot lose a wakeup either). Both sides also poll on a slow timer as a
+safety net.
 """
 
 from __future__ import annotations
 
-import os
-import threading
 from collections.abc import Callable, Iterator
 from multiprocessing import shared_memory
 
 from aserver.ipc import ring_core
-from aserver.ipc.ring_core import DATA_OFFSET, KIND_WRAP, RECORD_HEADER, RECORD_HEADER_SIZE
+from aserver.ipc.ring_core import (
+    DATA_OFFSET,
+    KIND_WRAP,
+    RECORD_HEADER,
+    RECORD_HEADER_SIZE,
+    WORD_CAPACITY,
+    WORD_READ_POS,
+    WORD_READER_SLEEPING,
+    WORD_RECORDS_READ,
+    WORD_WRITE_POS,
+    WORD_WRITER_WAITING,
+    drain_pipe,
+)
 from aserver.ipc.ring_core import max_payload as max_payload  # part of this module's API
 from aserver.native import native
 
-# The per-record steps in C when they were built (see ring_core.py).
+# The per-record and per-batch steps in C when they were built (see ring_core.py).
 _c_core = native("aserver.ipc._ring_core")
 ReaderCore, WriterCore = (_c_core or ring_core).ReaderCore, (_c_core or ring_core).WriterCore
 SenderCore = (_c_core or ring_core).SenderCore  # channel.RingSender's base
-
-_CAPACITY, _WRITE_POS, _READ_POS, _READER_SLEEPING, _WRITER_WAITING, _RECORDS_READ = 0, 8, 16, 24, 32, 40
-
-_fence_lock = threading.Lock()
-
-
-def fence() -> None:
-    """Full memory barrier: the lock's atomic instructions order stores before loads."""
-    _fence_lock.acquire()
-    _fence_lock.release()
 
 
 def record_size(payload_len: int) -> int:
@@ -79,28 +80,13 @@ def create_segment(name: str, capacity: int) -> shared_memory.SharedMemory:
     capacity = (capacity + 7) & ~7
     shm = shared_memory.SharedMemory(name=name, create=True, size=DATA_OFFSET + capacity)
     words = shm.buf.cast("Q")
-    words[_CAPACITY] = capacity
+    words[WORD_CAPACITY] = capacity
     words.release()
     return shm
 
 
 def attach_segment(name: str) -> shared_memory.SharedMemory:
     return shared_memory.SharedMemory(name=name)
-
-
-def _poke(fd: int) -> None:
-    try:
-        os.write(fd, b"\0")
-    except BlockingIOError:
-        pass  # the pipe is full of wakeups already
-
-
-def drain_pipe(fd: int) -> None:
-    try:
-        while len(os.read(fd, 4096)) == 4096:
-            pass
-    except BlockingIOError:
-        pass
 
 
 def walk_records(buf: memoryview, capacity: int, read: int, write: int) -> Iterator[tuple[int, int, int, int]]:
@@ -146,7 +132,7 @@ class _RingSide:
 
     def fill(self) -> int:
         """Bytes currently in the ring (both positions as published)."""
-        return self._words[_WRITE_POS] - self._words[_READ_POS]
+        return self._words[WORD_WRITE_POS] - self._words[WORD_READ_POS]
 
     def close(self) -> None:
         self.detach()
@@ -176,57 +162,32 @@ class RingWriter(WriterCore, _RingSide):
         self.rewind_at = self.capacity // 2 if rewind_at is None else rewind_at
         self.wake_fd = wake_fd  # data pipe, write end: wakes the consumer
         self.space_fd = space_fd  # space pipe, read end: the consumer says there is room
-        self._write = self._words[_WRITE_POS]
+        self._write = self._words[WORD_WRITE_POS]
         self.unpublished = 0  # bytes written and not yet published
-        self._read = self._words[_READ_POS]
+        self._read = self._words[WORD_READ_POS]
         # Records ever written (continues across consumers: the consumer's records_read
         # counts the same sequence). Read from two words that a live consumer publishes
         # separately (records_read leads read_pos for a whole batch read in place): only
         # sound while no consumer is reading, which holds because a producer attaches only
         # at start-up or after the consumer skipped everything, between its batches.
-        self.records_written = self._words[_RECORDS_READ] + count_records(
-            self._buf, self.capacity, self._words[_READ_POS], self._write
+        self.records_written = self._words[WORD_RECORDS_READ] + count_records(
+            self._buf, self.capacity, self._words[WORD_READ_POS], self._write
         )
-
-    def publish(self) -> None:
-        """Make written records visible; wake the consumer if it sleeps."""
-        if not self.unpublished:
-            return
-        self.unpublished = 0
-        words = self._words
-        words[_WRITE_POS] = self._write
-        fence()
-        if words[_READER_SLEEPING]:
-            words[_READER_SLEEPING] = 0  # one byte per sleep
-            _poke(self.wake_fd)
-
-    def wait_for_space(self) -> bool:
-        """Announce that we wait for room. Returns True if room appeared meanwhile
-        (then do not wait); otherwise the space pipe will become readable."""
-        words = self._words
-        words[_WRITER_WAITING] = 1
-        fence()
-        read = words[_READ_POS]
-        if read != self._read:
-            self._read = read
-            words[_WRITER_WAITING] = 0
-            return True
-        return False
 
     def room(self) -> int:
         """Bytes free as the consumer last published (contiguous or not)."""
-        return self.capacity - (self._write - self._words[_READ_POS])
+        return self.capacity - (self._write - self._words[WORD_READ_POS])
 
     def records_taken(self) -> int:
         """How many records the consumer has taken (as it last published)."""
-        return self._words[_RECORDS_READ]
+        return self._words[WORD_RECORDS_READ]
 
     def unread_records(self) -> list[tuple[int, int, bytes]]:
         """Copies of the records the consumer has not taken, in order, as (kind, conn_id,
         payload). Only while no consumer is attached (it died or retired)."""
-        in_ring = list(walk_records(self._buf, self.capacity, self._words[_READ_POS], self._write))
+        in_ring = list(walk_records(self._buf, self.capacity, self._words[WORD_READ_POS], self._write))
         # Records the consumer took but did not release yet come before the untaken ones.
-        untaken = in_ring[len(in_ring) - (self.records_written - self._words[_RECORDS_READ]) :]
+        untaken = in_ring[len(in_ring) - (self.records_written - self._words[WORD_RECORDS_READ]) :]
         return [(kind, conn_id, bytes(self._buf[at : at + length])) for kind, conn_id, at, length in untaken]
 
     def discard_unread(self) -> None:
@@ -234,18 +195,12 @@ class RingWriter(WriterCore, _RingSide):
         (it died or retired): the producer then re-sends what it wants the next one to see."""
         words = self._words
         self.publish()
-        words[_READ_POS] = self._write
-        words[_RECORDS_READ] = self.records_written
-        words[_READER_SLEEPING] = 0
-        words[_WRITER_WAITING] = 0
+        words[WORD_READ_POS] = self._write
+        words[WORD_RECORDS_READ] = self.records_written
+        words[WORD_READER_SLEEPING] = 0
+        words[WORD_WRITER_WAITING] = 0
         self._read = self._write
         drain_pipe(self.space_fd)
-
-    def space_woken(self) -> None:
-        """Call when the space pipe is readable, before retrying writes."""
-        drain_pipe(self.space_fd)
-        self._words[_WRITER_WAITING] = 0
-        self._read = self._words[_READ_POS]
 
 
 class RingReader(ReaderCore, _RingSide):
@@ -256,9 +211,9 @@ class RingReader(ReaderCore, _RingSide):
         _RingSide.__init__(self, shm)
         self.wake_fd = wake_fd  # data pipe, read end
         self.space_fd = space_fd  # space pipe, write end
-        self._read = self._words[_READ_POS]
-        self._records_read = self._words[_RECORDS_READ]
-        self._words[_READER_SLEEPING] = 0
+        self._read = self._words[WORD_READ_POS]
+        self._records_read = self._words[WORD_RECORDS_READ]
+        self._words[WORD_READER_SLEEPING] = 0
 
     @property
     def position(self) -> int:
@@ -268,43 +223,8 @@ class RingReader(ReaderCore, _RingSide):
     def skip_unread(self) -> None:
         """Drop every published record unread (their producer is gone)."""
         words = self._words
-        write = words[_WRITE_POS]
+        write = words[WORD_WRITE_POS]
         # Count what is skipped so records_read stays in step with the producer's count.
         self._records_read += count_records(self._buf, self.capacity, self._read, write)
         self._read = write
         self.release()
-
-    def mark_taken(self) -> None:
-        """Publish how many records we have taken, before handling them: if we die while
-        handling them, the producer counts them as taken (maybe half done), never as
-        unseen records to send again to our replacement."""
-        self._words[_RECORDS_READ] = self._records_read
-
-    def release(self) -> None:
-        """Publish our read position (and records taken); wake the producer if it waits
-        for room."""
-        words = self._words
-        if words[_READ_POS] == self._read:
-            return
-        words[_RECORDS_READ] = self._records_read
-        words[_READ_POS] = self._read
-        fence()
-        if words[_WRITER_WAITING]:
-            words[_WRITER_WAITING] = 0  # one byte per wait
-            _poke(self.space_fd)
-
-    def prepare_sleep(self) -> bool:
-        """Say we are going to wait. Returns False if records arrived meanwhile (drain
-        again instead of waiting)."""
-        words = self._words
-        words[_READER_SLEEPING] = 1
-        fence()
-        if words[_WRITE_POS] != self._read:
-            words[_READER_SLEEPING] = 0
-            return False
-        return True
-
-    def woken(self) -> None:
-        """Call when the data pipe is readable, before draining."""
-        drain_pipe(self.wake_fd)
-        self._words[_READER_SLEEPING] = 0

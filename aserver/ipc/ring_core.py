@@ -1,16 +1,19 @@
 """The per-record steps of a ring: `WriterCore.try_write`, `ReaderCore.read_batch`, and
-`SenderCore.send` (RingSender's: write or queue, and see that it gets published).
+`SenderCore.send` (RingSender's: write or queue, and see that it gets published); and
+the per-batch ones that publish a side's position and manage its wakeups (`publish`,
+`release`, `prepare_sleep`, ...).
 
 `_ring_core.c` is the same in C, built at install time when a C compiler is there, and
 ring.py uses that when it can (about 9x less time per record); this module is the
 fallback and the readable description. Both keep each side's own position (and the
-writer's last view of the reader's) in the object; ring.py publishes them. Layout and
-wakeup rules: ring.py.
+writer's last view of the reader's) in the object. Layout and wakeup rules: ring.py.
 """
 
 from __future__ import annotations
 
+import os
 import struct
+import threading
 from multiprocessing import shared_memory
 
 DATA_OFFSET = 384
@@ -18,6 +21,32 @@ RECORD_HEADER = struct.Struct("<IIQ")
 RECORD_HEADER_SIZE = RECORD_HEADER.size  # 16
 KIND_WRAP = 0xFFFFFFFF
 WORD_CAPACITY, WORD_WRITE_POS, WORD_READ_POS = 0, 8, 16
+WORD_READER_SLEEPING, WORD_WRITER_WAITING, WORD_RECORDS_READ = 24, 32, 40
+
+_fence_lock = threading.Lock()
+
+
+def fence() -> None:
+    """Full memory barrier: the lock's atomic instructions order stores before loads."""
+    _fence_lock.acquire()
+    _fence_lock.release()
+
+
+def poke(fd: int) -> None:
+    """One byte down a wake pipe."""
+    try:
+        os.write(fd, b"\0")
+    except BlockingIOError:
+        pass  # the pipe is full of wakeups already
+
+
+def drain_pipe(fd: int) -> None:
+    """Empty a wake pipe's (non-blocking) read end."""
+    try:
+        while len(os.read(fd, 4096)) == 4096:
+            pass
+    except BlockingIOError:
+        pass
 
 
 def max_payload(capacity: int) -> int:
@@ -45,7 +74,7 @@ class WriterCore(_Core):
     def __init__(self, shm: shared_memory.SharedMemory) -> None:
         super().__init__(shm)
         self.rewind_at = 0
-        self._write = 0  # our position, published by ring.py
+        self._write = 0  # our position, made visible by `publish`
         self._read = 0  # the consumer's position as we last read it
         self.unpublished = 0
         self.records_written = 0
@@ -77,6 +106,37 @@ class WriterCore(_Core):
         if not read <= position <= self._write:
             raise ValueError(f"release to {position}: the ring holds {read} to {self._write}")
         self._seg_words[WORD_READ_POS] = self._read = position
+
+    def publish(self) -> None:
+        """Make written records visible; wake the consumer if it sleeps."""
+        if not self.unpublished:
+            return
+        self.unpublished = 0
+        words = self._seg_words
+        words[WORD_WRITE_POS] = self._write
+        fence()
+        if words[WORD_READER_SLEEPING]:
+            words[WORD_READER_SLEEPING] = 0  # one byte per sleep
+            poke(self.wake_fd)
+
+    def wait_for_space(self) -> bool:
+        """Announce that we wait for room. Returns True if room appeared meanwhile
+        (then do not wait); otherwise the space pipe will become readable."""
+        words = self._seg_words
+        words[WORD_WRITER_WAITING] = 1
+        fence()
+        read = words[WORD_READ_POS]
+        if read != self._read:
+            self._read = read
+            words[WORD_WRITER_WAITING] = 0
+            return True
+        return False
+
+    def space_woken(self) -> None:
+        """Call when the space pipe is readable, before retrying writes."""
+        drain_pipe(self.space_fd)
+        self._seg_words[WORD_WRITER_WAITING] = 0
+        self._read = self._seg_words[WORD_READ_POS]
 
     def refer_to(self, segment: memoryview | None, kind: int, min_size: int) -> None:
         """Have list parts (try_write's) that lie in `segment` (another ring's, read in
@@ -136,7 +196,7 @@ class WriterCore(_Core):
 class ReaderCore(_Core):
     def __init__(self, shm: shared_memory.SharedMemory) -> None:
         super().__init__(shm)
-        self._read = 0  # our position, published by ring.py
+        self._read = 0  # our position, published by `release`
         self._records_read = 0
         self._seg_view = shm.buf.toreadonly()  # in-place payloads are slices of it
 
@@ -174,6 +234,41 @@ class ReaderCore(_Core):
         self._read = read
         self._records_read += len(records)
         return records
+
+    def mark_taken(self) -> None:
+        """Publish how many records we have taken, before handling them: if we die while
+        handling them, the producer counts them as taken (maybe half done), never as
+        unseen records to send again to our replacement."""
+        self._seg_words[WORD_RECORDS_READ] = self._records_read
+
+    def release(self) -> None:
+        """Publish our read position (and records taken); wake the producer if it waits
+        for room."""
+        words = self._seg_words
+        if words[WORD_READ_POS] == self._read:
+            return
+        words[WORD_RECORDS_READ] = self._records_read
+        words[WORD_READ_POS] = self._read
+        fence()
+        if words[WORD_WRITER_WAITING]:
+            words[WORD_WRITER_WAITING] = 0  # one byte per wait
+            poke(self.space_fd)
+
+    def prepare_sleep(self) -> bool:
+        """Say we are going to wait. Returns False if records arrived meanwhile (drain
+        again instead of waiting)."""
+        words = self._seg_words
+        words[WORD_READER_SLEEPING] = 1
+        fence()
+        if words[WORD_WRITE_POS] != self._read:
+            words[WORD_READER_SLEEPING] = 0
+            return False
+        return True
+
+    def woken(self) -> None:
+        """Call when the data pipe is readable, before draining."""
+        drain_pipe(self.wake_fd)
+        self._seg_words[WORD_READER_SLEEPING] = 0
 
 
 class SenderCore:

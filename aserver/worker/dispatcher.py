@@ -159,6 +159,9 @@ class Dispatcher:
 
     def on_records(self, batch: list[tuple[int, int, bytes | memoryview]]) -> None:
         taken = [0, 0]  # requests run inline, requests queued: current even if a record fails
+        # The boxes this batch fills are written at its end (below), so _new_box need not
+        # schedule a _flush for them (a callback and an empty pass over the senders).
+        flush_scheduled, self._flush_scheduled = self._flush_scheduled, True
         try:
             self._take_records(batch, taken)
         finally:
@@ -169,6 +172,7 @@ class Dispatcher:
                 if self._outbox:
                     self._write_boxes()
             finally:
+                self._flush_scheduled = flush_scheduled
                 if self._kept_views:
                     self._release_kept_views()
                 self._count_taken(*taken)
