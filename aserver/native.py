@@ -20,7 +20,7 @@ log = logging.getLogger("aserver")
 MODULES = {
     "aserver.ipc._ring_core": ("ring records", 6),
     "aserver.worker._inline": ("worker inline loop", 4),
-    "aserver.conn._conn_core": ("conn per-request steps", 4),
+    "aserver.conn._conn_core": ("conn per-request steps", 5),
 }
 
 

@@ -132,14 +132,13 @@ class Side:
     def check_record_numbers(self) -> None:
         """Every run in flight names the ring record that carries it (taken or waiting)."""
         for conn, _ in self.conns:
-            for worker, queue in conn.inflight.items():
+            for worker, record, _remaining, headers in conn.in_flight():
                 sender = self.server.links[worker].sender
                 sent = self.taken[worker] + list(sender._overflow)
                 assert len(sent) == sender.records_sent
-                for entry in queue:
-                    kind, conn_id, payload = sent[entry.record]
-                    headers = conn_core.packet_headers(payload, len(entry.headers) // HEADER_SIZE, conn.big_endian)
-                    assert (kind, conn_id, headers) == (records.PACKETS, conn.conn_id, entry.headers)
+                kind, conn_id, payload = sent[record]
+                assert (kind, conn_id) == (records.PACKETS, conn.conn_id)
+                assert conn_core.packet_headers(payload, len(headers) // HEADER_SIZE, conn.big_endian) == headers
 
     def state(self) -> dict:
         return {
@@ -151,8 +150,7 @@ class Side:
             "conns": [
                 {
                     "outstanding": conn.outstanding,
-                    "inflight": {worker: [(e.record, e.remaining, e.headers) for e in queue]
-                                 for worker, queue in conn.inflight.items()},
+                    "inflight": conn.in_flight(),
                     "stage": conn.stage,
                     "partial": conn.partial,
                     "buffered": conn._decoder.buffered,
@@ -269,6 +267,43 @@ def test_c_and_python_conn_cores_agree(c_protocol, byte_order, script, answers, 
             side.close()
 
 
+@given(
+    ops=st.lists(
+        st.one_of(
+            st.tuples(st.just("sent"), st.integers(0, 2), st.integers(0, 5)),  # worker, requests in the run
+            st.tuples(st.just("answered"), st.integers(0, 2), st.integers(0, 8)),  # worker, requests
+            st.tuples(st.just("take_inflight"), st.integers(0, 2)),  # that worker died
+        ),
+        max_size=40,
+    ),
+)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@example(ops=[("sent", 0, 2), ("sent", 1, 1), ("sent", 0, 1), ("answered", 0, 3), ("answered", 1, 1)])
+@example(ops=[("sent", 0, 2), ("sent", 1, 3), ("answered", 1, 1), ("take_inflight", 0), ("answered", 1, 2)])
+@example(ops=[("sent", 1, 1), ("sent", 0, 1), ("answered", 0, 1), ("take_inflight", 0), ("answered", 1, 1)])
+def test_c_and_python_cores_count_runs_in_flight_alike(c_protocol, ops) -> None:
+    """Runs in flight per worker, interleaved as per-packet routing sends them: each
+    worker's answers finish its own oldest runs; a dead worker's unanswered runs are
+    handed over (and forgotten) without disturbing the others'."""
+    codec = PacketCodec()
+    cores = [client_protocol.ConnCore(), conn_core.ConnCore()]
+    for core in cores:
+        core.outstanding = 0
+        core.big_endian = False
+    for serial, op in enumerate(ops):
+        answers = []
+        for core in cores:
+            if op[0] == "sent":
+                run = b"".join(codec.encode(1, b"x" * i, seq_num=serial * 10 + i) for i in range(op[2]))
+                core.sent(op[1], serial, op[2], run)
+            elif op[0] == "answered":
+                core.answered(op[1], op[2])
+            else:
+                answers.append([tuple(entry) for entry in core.take_inflight(op[1])])
+            answers.append((core.in_flight(), core.outstanding))
+        assert answers[: len(answers) // 2] == answers[len(answers) // 2 :], op
+
+
 def test_runs_that_wait_for_a_full_ring_pause_their_connection_and_are_counted(c_protocol) -> None:
     codec = PacketCodec()
     run = b"".join(codec.encode(1, b"x" * 4000, seq_num=i) for i in range(4))  # 16 KiB: a quarter of the ring
@@ -332,7 +367,7 @@ def test_a_clean_read_goes_straight_into_the_ring(c_protocol, core) -> None:
         feed(third, clean)  # a third connection: worker 0 again
         assert general == []
         assert (first.outstanding, second.outstanding, side.server.stats["requests"]) == (2, 2, 6)
-        assert (list(first.inflight), list(second.inflight), list(third.inflight)) == ([0], [1], [0])
+        assert [{run[0] for run in conn.in_flight()} for conn in (first, second, third)] == [{0}, {1}, {0}]
         cut = codec.encode(3, b"b" * 50, seq_num=3)
         feed(first, cut[:30])  # cut short: the general path keeps the start
         assert first.get_buffer(-1) is first.scratch

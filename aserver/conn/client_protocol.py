@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from typing import TYPE_CHECKING
 
 from aserver.conn import conn_core
-from aserver.conn.conn_core import InFlight
 from aserver.conn.routing import ConnectionInfo
 from aserver.native import native
 from aserver.protocol import ByteOrder, FrameDecoder, ProtocolError
@@ -74,10 +72,7 @@ class ClientProtocolBase(asyncio.BufferedProtocol):
         self.swept_buffered = 0  # bytes of an unfinished packet at the last sweep
         self.quiet_since = 0.0
         self.partial_since = 0.0
-        # Per worker: runs not fully answered, oldest first (a worker finishes a
-        # connection's requests in order).
-        self.inflight: dict[int, deque[InFlight]] = {}
-        self.outstanding = 0
+        self.outstanding = 0  # requests sent to workers and not answered (ConnCore.sent)
 
     @property
     def discarding(self) -> bool:

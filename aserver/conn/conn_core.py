@@ -30,9 +30,7 @@ from __future__ import annotations
 import os
 import struct
 from collections import deque
-from typing import TYPE_CHECKING, Any
-
-import msgspec
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from aserver.ipc import records
 from aserver.protocol import HEADER_SIZE
@@ -52,10 +50,9 @@ SMALL_READ = 64 * 1024
 _LENGTH = {False: struct.Struct("<I"), True: struct.Struct(">I")}
 
 
-class InFlight(msgspec.Struct, gc=False):
-    """A run of requests sent to a worker and not all answered yet. A Struct: one is made
-    per ring record, and that is cheaper than a Python __init__. Not GC-tracked (it
-    holds only ints and a buffer, so it can be in no cycle)."""
+class InFlight(NamedTuple):
+    """A run of requests sent to a worker and not all answered yet, as take_inflight
+    returns it."""
 
     record: int  # the ring record's sequence number
     remaining: int  # requests of the run the worker has not finished
@@ -63,7 +60,10 @@ class InFlight(msgspec.Struct, gc=False):
 
 
 class ConnCore:
-    inflight: dict[int, deque[InFlight]]
+    # The runs in flight, oldest first, each [worker, record, remaining, headers]: one
+    # queue for all workers (a connection's runs go to one worker unless routing is per
+    # packet). Made at the first run; C keeps a plain array in the object.
+    _inflight: deque[list] | None = None
     outstanding: int
     closed: bool
     eof_sent: bool
@@ -127,23 +127,46 @@ class ConnCore:
 
     def sent(self, worker: int, record: int, count: int, run: bytes | bytearray | memoryview) -> None:
         """`count` requests in `run` went to `worker` as ring record number `record`."""
-        queue = self.inflight.get(worker)
-        if queue is None:
-            queue = self.inflight[worker] = deque()
-        queue.append(InFlight(record, count, packet_headers(run, count, self.big_endian)))
+        headers = packet_headers(run, count, self.big_endian)
+        if self._inflight is None:
+            self._inflight = deque()
+        self._inflight.append([worker, record, count, headers])
         self.outstanding += count
 
     def answered(self, worker: int, count: int) -> None:
-        """The worker finished `count` more of our requests (in order)."""
-        queue = self.inflight.get(worker)
+        """`worker` finished `count` more of our requests: its oldest (a worker finishes
+        a connection's requests in order)."""
         self.outstanding -= count
-        while count and queue:
-            head = queue[0]
-            if head.remaining > count:
-                head.remaining -= count
-                return
-            count -= head.remaining
+        queue = self._inflight
+        if not queue:
+            return
+        for run in queue:
+            if not count:
+                break
+            if run[0] == worker:
+                done = min(run[2], count)
+                run[2] -= done
+                count -= done
+        # Answered runs leave from the front (one behind another worker's stays until that one is).
+        while queue and not queue[0][2]:
             queue.popleft()
+
+    def take_inflight(self, worker: int) -> list[InFlight]:
+        """`worker`'s runs not fully answered, oldest first; all its runs are forgotten
+        here (it died: the caller answers or re-sends them)."""
+        queue = self._inflight
+        if not queue:
+            return []
+        taken = [InFlight(record, remaining, headers) for w, record, remaining, headers in queue
+                 if w == worker and remaining]
+        self._inflight = deque(run for run in queue if run[0] != worker)
+        while self._inflight and not self._inflight[0][2]:
+            self._inflight.popleft()
+        return taken
+
+    def in_flight(self) -> list[tuple[int, int, int, bytes]]:
+        """Every run in flight, oldest first, as (worker, record, remaining, headers)."""
+        return [tuple(run) for run in self._inflight or ()]
 
     def queue_reply(self, packets: bytes) -> bool:
         """Buffer replies until `flush_replies`; returns True if this is the first."""

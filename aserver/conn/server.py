@@ -12,7 +12,7 @@ import msgspec
 from aserver.app import ConnHandler, Status
 from aserver.conn.admission import Admission, Refusal, parse_networks
 from aserver.conn.client_protocol import PAUSED_FOR_RING, PAUSED_FOR_STOP, ClientProtocol
-from aserver.conn.conn_core import READ_SIZE
+from aserver.conn.conn_core import READ_SIZE, InFlight
 from aserver.conn.in_conn import InConnAnswerer
 from aserver.conn.routing import ConnectionInfo, Router
 from aserver.conn.sweeper import Sweeper
@@ -339,9 +339,7 @@ class ConnServer:
         unread = link.sender.unread_records()  # copies: the ring is reset below
         lost = 0
         for conn in self.connections.values():
-            queue = conn.inflight.pop(index, None)
-            if not queue:
-                continue
+            queue = conn.take_inflight(index)
             conn.outstanding -= sum(entry.remaining for entry in queue)
             for entry in queue:
                 if entry.record < taken:
@@ -365,7 +363,7 @@ class ConnServer:
             log.warning("worker %d lost %d requests in flight: answered WORKER_LOST", index, lost)
         return lost
 
-    def _reply_lost(self, conn: ClientProtocol, entry) -> int:
+    def _reply_lost(self, conn: ClientProtocol, entry: InFlight) -> int:
         """WORKER_LOST for the requests of `entry` the worker had not answered."""
         header = self.codec.header
         headers = entry.headers
