@@ -21,13 +21,22 @@
    changes, so a stale build is not used. */
 #define CONN_CORE_ABI 5
 
+/* The headers of a run of up to two requests are kept in its entry; a longer run's are
+   allocated. */
+#define INLINE_HEADERS 40
+/* Runs in flight kept in the connection's own object; more go to an allocated array. */
+#define INLINE_RUNS 2
+
 /* A run of requests sent to a worker and not all answered yet (conn_core.InFlight). */
 typedef struct {
     unsigned long long record; /* the ring record's sequence number */
     int worker;
     Py_ssize_t remaining;      /* requests of the run the worker has not finished */
     Py_ssize_t count;          /* requests in the run */
-    unsigned char *headers;    /* each one's packet header, back to back (PyMem) */
+    union {                    /* each one's packet header, back to back: see run_headers */
+        unsigned char inline_bytes[INLINE_HEADERS];
+        unsigned char *allocated; /* PyMem */
+    } headers;
 } InFlightRun;
 
 typedef struct {
@@ -43,11 +52,13 @@ typedef struct {
     unsigned long long conn_id;
     Py_ssize_t outstanding;  /* requests sent to workers and not answered yet */
     Py_ssize_t max_packet_size, max_reply_backlog;
-    /* The runs in flight, oldest first, in a circular array allocated at the first one:
-       one block the connection's own, where Python objects per run (a deque entry, a
-       Struct, a bytes) cost 3 µs per request at 1,000 connections in cache misses. */
-    InFlightRun *inflight;
+    /* The runs in flight, oldest first, in a circular array: first_runs, in this object,
+       until more are in flight. A run costs no memory of its own (but a long run's
+       headers), where Python objects per run (a deque entry, a Struct, a bytes) cost
+       about 3 µs per request at 1,000 connections, in cache misses. */
+    InFlightRun *inflight;   /* first_runs or an allocated array; NULL before the first run */
     Py_ssize_t inflight_head, inflight_len, inflight_cap;
+    InFlightRun first_runs[INLINE_RUNS];
     PyObject *replies;       /* list of reply runs not written yet */
     PyObject *transport;
     PyObject *link;          /* WorkerLink for the shortcut, or None */
@@ -113,36 +124,51 @@ static InFlightRun *run_at(Core *self, Py_ssize_t i) {
     return &self->inflight[(self->inflight_head + i) % self->inflight_cap];
 }
 
+static int headers_inline(const InFlightRun *entry) {
+    return entry->count * header_size <= INLINE_HEADERS;
+}
+
+static unsigned char *run_headers(InFlightRun *entry) {
+    return headers_inline(entry) ? entry->headers.inline_bytes : entry->headers.allocated;
+}
+
+static void free_run(InFlightRun *entry) {
+    if (!headers_inline(entry)) PyMem_Free(entry->headers.allocated);
+}
+
 static int sent_impl(Core *self, int worker, unsigned long long record, Py_ssize_t count,
                      const unsigned char *run, Py_ssize_t size) {
     if (count < 0 || count > size / header_size) {
         PyErr_Format(PyExc_ValueError, "run holds fewer than %zd packets", count);
         return -1;
     }
-    unsigned char *headers = PyMem_Malloc(count * header_size + 1);
-    if (headers == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    if (copy_headers(headers, run, size, count, self->big_endian) < 0) {
-        PyMem_Free(headers);
-        return -1;
+    if (self->inflight == NULL) {
+        self->inflight = self->first_runs;
+        self->inflight_cap = INLINE_RUNS;
     }
     if (self->inflight_len == self->inflight_cap) { /* full: double, oldest first again */
-        Py_ssize_t cap = self->inflight_cap ? self->inflight_cap * 2 : 4;
+        Py_ssize_t cap = self->inflight_cap * 2;
         InFlightRun *grown = PyMem_Malloc(cap * sizeof(InFlightRun));
         if (grown == NULL) {
-            PyMem_Free(headers);
             PyErr_NoMemory();
             return -1;
         }
         for (Py_ssize_t i = 0; i < self->inflight_len; i++) grown[i] = *run_at(self, i);
-        PyMem_Free(self->inflight);
+        if (self->inflight != self->first_runs) PyMem_Free(self->inflight);
         self->inflight = grown;
         self->inflight_cap = cap;
         self->inflight_head = 0;
     }
-    *run_at(self, self->inflight_len) = (InFlightRun){record, worker, count, count, headers};
+    InFlightRun *entry = run_at(self, self->inflight_len);
+    *entry = (InFlightRun){.record = record, .worker = worker, .remaining = count, .count = count};
+    if (!headers_inline(entry) && (entry->headers.allocated = PyMem_Malloc(count * header_size)) == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    if (copy_headers(run_headers(entry), run, size, count, self->big_endian) < 0) {
+        free_run(entry);
+        return -1;
+    }
     self->inflight_len += 1;
     self->outstanding += count;
     return 0;
@@ -152,7 +178,7 @@ static int sent_impl(Core *self, int worker, unsigned long long record, Py_ssize
    until that one is). */
 static void pop_answered(Core *self) {
     while (self->inflight_len && run_at(self, 0)->remaining == 0) {
-        PyMem_Free(run_at(self, 0)->headers);
+        free_run(run_at(self, 0));
         self->inflight_head = (self->inflight_head + 1) % self->inflight_cap;
         self->inflight_len -= 1;
     }
@@ -171,16 +197,16 @@ static void answered_impl(Core *self, int worker, Py_ssize_t count) {
 }
 
 static void free_inflight(Core *self) {
-    for (Py_ssize_t i = 0; i < self->inflight_len; i++) PyMem_Free(run_at(self, i)->headers);
-    PyMem_Free(self->inflight);
+    for (Py_ssize_t i = 0; i < self->inflight_len; i++) free_run(run_at(self, i));
+    if (self->inflight != self->first_runs) PyMem_Free(self->inflight);
     self->inflight = NULL;
     self->inflight_head = self->inflight_len = self->inflight_cap = 0;
 }
 
 /* A run as an InFlight(record, remaining, headers), or with `with_worker` as a tuple
    (worker, record, remaining, headers). */
-static PyObject *run_tuple(const InFlightRun *entry, int with_worker) {
-    PyObject *headers = PyBytes_FromStringAndSize((const char *)entry->headers, entry->count * header_size);
+static PyObject *run_tuple(InFlightRun *entry, int with_worker) {
+    PyObject *headers = PyBytes_FromStringAndSize((const char *)run_headers(entry), entry->count * header_size);
     if (headers == NULL) return NULL;
     if (with_worker) return Py_BuildValue("(iKnN)", entry->worker, entry->record, entry->remaining, headers);
     return PyObject_CallFunction(InFlight, "KnN", entry->record, entry->remaining, headers);
@@ -370,7 +396,7 @@ static PyObject *core_take_inflight(Core *self, PyObject *arg) {
     Py_ssize_t kept = 0;
     for (Py_ssize_t i = 0; i < self->inflight_len; i++) {
         InFlightRun entry = *run_at(self, i);
-        if (entry.worker == worker) PyMem_Free(entry.headers);
+        if (entry.worker == worker) free_run(&entry);
         else *run_at(self, kept++) = entry;
     }
     self->inflight_len = kept;

@@ -11,8 +11,9 @@ and goes, as bytes, to `ClientProtocol.receive`, the general path; so does whate
 follows a read's last complete packet.
 
 It also counts the requests a worker has not answered yet (`sent`, `answered`), keeping
-only their packet headers (for WORKER_LOST replies if the worker dies: the requests
-themselves are in the ring, and re-sent from there if it never took them), and queues
+only their packet headers (for WORKER_LOST replies if the worker dies, which
+`take_inflight` hands over: the requests themselves are in the ring, and re-sent from
+there if it never took them), and queues
 and writes replies (`queue_reply`, `flush_replies`). `route_replies` hands a batch from
 a worker's reply ring to its connections; its payloads are views of the ring, so
 `flush_replies` writes them to the socket itself (`fd`) and copies only what the socket
