@@ -952,6 +952,7 @@ class RecordingLoop:
             st.tuples(st.just("reserve"), st.integers(0, 1100), st.integers(0, 1100)),  # size, committed
             st.tuples(st.just("tick")),  # the loop runs what send scheduled (the publish)
             st.tuples(st.just("drain")),  # the consumer takes everything; the sender retries
+            st.tuples(st.sampled_from(["sleep", "woken"])),  # the consumer says it sleeps, or is woken
         ),
         max_size=40,
     ),
@@ -963,8 +964,8 @@ class RecordingLoop:
 @example(ops=[("reserve", 1000, 1000)] * 5 + [("reserve", 10, 10), ("drain",), ("reserve", 10, 5)])  # no room
 def test_c_and_python_senders_agree(ops):
     """RingSender.send on the C SenderCore and on ring_core.SenderCore: the same answers,
-    records_sent, queue, publish scheduling and ring contents (early publish at 512 bytes
-    here, so it happens)."""
+    records_sent, queue, publish scheduling and ring contents (early publish at 512 bytes,
+    a sleeping consumer woken at 3 records or 1,024 bytes here, so all of it happens)."""
     if ring_module._c_core is None:
         pytest.skip("the C ring core was not built here (no C compiler at install time)")
     python_sender = type("PythonRingSender", (ring_core.SenderCore, RingSenderBase), {})
@@ -974,6 +975,8 @@ def test_c_and_python_senders_agree(ops):
         loop = RecordingLoop()
         sender = sender_type(pair.writer, loop, lambda: None)
         sender.early_publish_bytes = 512
+        sender.wake_records = 3
+        sender.wake_bytes = 1024
         pairs.append(pair)
         senders.append(sender)
         loops.append(loop)
@@ -1003,13 +1006,18 @@ def test_c_and_python_senders_agree(ops):
                         answers.append(str(exc))
                 elif op[0] == "tick":
                     loop.run_soon()
+                elif op[0] == "sleep":
+                    answers.append(pair.reader.prepare_sleep())
+                elif op[0] == "woken":
+                    pair.reader.woken()
                 else:
                     got += [(k, c, bytes(p)) for k, c, p in pair.reader.read_batch(10_000)]
                     pair.reader.release()
                     sender._on_space()
                 answers.append((sender.records_sent, list(sender._overflow), sender._publish_scheduled,
                                 len(loop.soon), sender.backlogged, pair.writer.unpublished, pair.writer._write,
-                                pair.writer.records_written, pair.writer._words[8], list(loop.readers) != []))
+                                pair.writer.records_written, pair.writer._words[8], list(loop.readers) != [],
+                                pair.writer.unpublished_records, pipe_pending(pair.wake_r)))
             assert answers[: len(answers) // 2] == answers[len(answers) // 2 :], op
         assert taken[0] == taken[1]
         for sender, loop in zip(senders, loops, strict=True):
@@ -1020,6 +1028,49 @@ def test_c_and_python_senders_agree(ops):
         for sender, pair in zip(senders, pairs, strict=True):
             sender._stop_waiting()
             pair.close()
+
+
+@pytest.mark.parametrize("core", ["ring.py's", "ring_core"])
+def test_a_sleeping_consumer_is_woken_only_for_a_batch_worth_it(make_ring, core):
+    """Records go to an awake consumer early (at early_publish_bytes); a sleeping one is
+    woken once wake_records records or wake_bytes are waiting, or at the end of the loop
+    iteration, whichever comes first; on either SenderCore."""
+    if core == "ring.py's":
+        sender_type = RingSender
+    else:
+        sender_type = type("PythonRingSender", (ring_core.SenderCore, RingSenderBase), {})
+    pair = make_ring(64 * 1024)
+    loop = RecordingLoop()
+    sender = sender_type(pair.writer, loop, lambda: None)
+    sender.early_publish_bytes, sender.wake_records, sender.wake_bytes = 512, 4, 8192
+
+    def published() -> bool:
+        return pair.writer._words[8] == pair.writer._write
+
+    def asleep() -> None:
+        pair.reader.read_batch(10_000)
+        pair.reader.release()
+        assert pair.reader.prepare_sleep()
+
+    sender.send(1, 1, b"a" * 600)  # awake: at once, no wakeup needed
+    assert published() and pipe_pending(pair.wake_r) == 0
+    asleep()
+    for i in range(3):
+        sender.send(1, 1, b"b" * 600)
+        assert not published(), i  # asleep: not worth a wakeup yet
+    assert pipe_pending(pair.wake_r) == 0
+    sender.send(1, 1, b"c" * 600)  # the fourth record: wake it
+    assert published() and pipe_pending(pair.wake_r) == 1
+    pair.reader.woken()
+    asleep()
+    sender.send(1, 1, b"d" * 9000)  # wake_bytes at once
+    assert published() and pipe_pending(pair.wake_r) == 1
+    pair.reader.woken()
+    asleep()
+    sender.send(1, 1, b"e" * 100)
+    assert not published()
+    loop.run_soon()  # the end of the loop iteration
+    assert published() and pipe_pending(pair.wake_r) == 1
 
 
 def test_a_send_whose_publish_cannot_be_scheduled_raises_and_tries_again_next_time(make_ring):

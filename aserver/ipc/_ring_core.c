@@ -25,7 +25,7 @@
 
 /* What aserver/native.py expects: raise it whenever a call's signature or meaning
    changes, so a stale build is not used. */
-#define RING_CORE_ABI 6
+#define RING_CORE_ABI 7
 
 #define DATA_OFFSET 384
 #define HEADER_SIZE 16
@@ -51,6 +51,7 @@ typedef struct {
     unsigned long long position; /* _write or _read: this side's own position */
     unsigned long long other;    /* writer: _read, the consumer's position as last seen */
     unsigned long long unpublished;
+    unsigned long long unpublished_records; /* writer: records written since the last publish */
     unsigned long long records; /* writer: records_written; reader: _records_read */
     unsigned long long rewind_at;
     Py_ssize_t max_payload;
@@ -227,6 +228,7 @@ static void commit_record(Core *self, unsigned long long kind, unsigned long lon
     unsigned long long need = self->skip + ((HEADER_SIZE + length + 7) & ~7ull);
     self->position += need;
     self->unpublished += need; /* a skipped tail too: `unpublished` is ring space in use */
+    self->unpublished_records += 1;
     self->records += 1;
 }
 
@@ -556,7 +558,7 @@ fail:
 static PyObject *writer_publish(Core *self, PyObject *Py_UNUSED(unused)) {
     if (self->unpublished == 0) Py_RETURN_NONE;
     if (!attached(self)) return NULL;
-    self->unpublished = 0;
+    self->unpublished = self->unpublished_records = 0;
     if (announce_then_load(self, WORD_WRITE_POS, self->position, WORD_READER_SLEEPING)) {
         store_word(self, WORD_READER_SLEEPING, 0); /* one byte per sleep */
         if (poke(self->wake_fd) < 0) return NULL;
@@ -658,6 +660,7 @@ static PyMemberDef writer_members[] = {
     {"_write", T_ULONGLONG, offsetof(Core, position), 0, NULL},
     {"_read", T_ULONGLONG, offsetof(Core, other), 0, NULL},
     {"unpublished", T_ULONGLONG, offsetof(Core, unpublished), 0, NULL},
+    {"unpublished_records", T_ULONGLONG, offsetof(Core, unpublished_records), 0, NULL},
     {"records_written", T_ULONGLONG, offsetof(Core, records), 0, NULL},
     {"wake_fd", T_INT, offsetof(Core, wake_fd), 0, NULL},
     {"space_fd", T_INT, offsetof(Core, space_fd), 0, NULL},
@@ -705,16 +708,19 @@ typedef struct {
     PyObject *writer;   /* _writer: a RingWriter (a WriterCore) */
     PyObject *overflow; /* _overflow: records waiting for room */
     PyObject *loop;     /* _loop */
-    unsigned long long early_publish;
+    unsigned long long early_publish, wake_bytes, wake_records;
     char publish_scheduled;
 } Sender;
 
 static PyObject *s_wait, *s_publish, *s_publish_later, *s_call_soon;
 
-/* A record was written: publish at the end of this loop iteration, or now once
-   early_publish_bytes are unpublished. A new reference, or NULL on error. */
+/* A record was written: publish at the end of this loop iteration, or now (see
+   ring_core.SenderCore._published_soon). A new reference, or NULL on error. */
 static PyObject *published_soon(Sender *self, PyObject *writer, PyObject *loop) {
-    if (((Core *)writer)->unpublished >= self->early_publish) return PyObject_CallMethodNoArgs(writer, s_publish);
+    const Core *core = (const Core *)writer;
+    if (core->unpublished >= self->wake_bytes || core->unpublished_records >= self->wake_records ||
+        (core->unpublished >= self->early_publish && !load_word(core, WORD_READER_SLEEPING)))
+        return PyObject_CallMethodNoArgs(writer, s_publish);
     if (self->publish_scheduled) return Py_NewRef(Py_None);
     PyObject *later = PyObject_GetAttr((PyObject *)self, s_publish_later);
     PyObject *r = later ? PyObject_CallMethodOneArg(loop, s_call_soon, later) : NULL;
@@ -847,6 +853,8 @@ static PyMemberDef sender_members[] = {
     {"_overflow", T_OBJECT, offsetof(Sender, overflow), 0, NULL},
     {"_loop", T_OBJECT, offsetof(Sender, loop), 0, NULL},
     {"early_publish_bytes", T_ULONGLONG, offsetof(Sender, early_publish), 0, NULL},
+    {"wake_bytes", T_ULONGLONG, offsetof(Sender, wake_bytes), 0, NULL},
+    {"wake_records", T_ULONGLONG, offsetof(Sender, wake_records), 0, NULL},
     {"_publish_scheduled", T_BOOL, offsetof(Sender, publish_scheduled), 0, NULL},
     {NULL},
 };

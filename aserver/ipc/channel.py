@@ -15,12 +15,15 @@ from aserver.ipc.ring import RingReader, RingWriter, SenderCore
 
 log = logging.getLogger(__name__)
 
-# Records are published at the end of the loop iteration that wrote them, or early once
-# this share of the ring is written and unpublished: the consumer then starts on a long
-# iteration's records while the rest are written. Not sooner: each publish may wake the
-# consumer, and at 8 KiB the worker was woken for nearly every 16 KiB request (a quarter
-# of the throughput at 50 x 4 x 16 KiB; perf/README.md, ninth round).
-EARLY_PUBLISH_SHARE = 8
+# Records are published at the end of the loop iteration that wrote them, or sooner: once
+# EARLY_PUBLISH_BYTES are written while the consumer is awake (it goes on with them while
+# the rest are written; without it the two processes convoy), and while it sleeps, once
+# WAKE_RECORDS records or a WAKE_SHARE of the ring are: a wakeup costs both processes, and
+# waking the worker at 8 KiB, for nearly every 16 KiB request, cost a quarter of the
+# throughput at 50 x 4 x 16 KiB (perf/README.md, ninth round).
+EARLY_PUBLISH_BYTES = 8192
+WAKE_RECORDS = 64
+WAKE_SHARE = 8
 # Safety net against a lost wakeup; also retries a sender waiting for room.
 POLL_INTERVAL = 0.1
 # Sources still wait for room in an empty ring: when to look again (see _retry).
@@ -48,7 +51,9 @@ class RingSenderBase:
         self._on_room = on_room
         self._overflow: deque[tuple[int, int, bytes | bytearray | memoryview]] = deque()
         self._publish_scheduled = False
-        self.early_publish_bytes = writer.capacity // EARLY_PUBLISH_SHARE
+        self.early_publish_bytes = EARLY_PUBLISH_BYTES
+        self.wake_bytes = writer.capacity // WAKE_SHARE
+        self.wake_records = WAKE_RECORDS
         self._waiting = False
         self._poll: asyncio.TimerHandle | None = None
         self._retry_soon: asyncio.Handle | None = None  # the one _retry on its way, if any

@@ -77,6 +77,7 @@ class WriterCore(_Core):
         self._write = 0  # our position, made visible by `publish`
         self._read = 0  # the consumer's position as we last read it
         self.unpublished = 0
+        self.unpublished_records = 0
         self.records_written = 0
         self._reserved = -1  # payload bytes `reserve` found room for (-1: none)
         self._skip = 0
@@ -111,7 +112,7 @@ class WriterCore(_Core):
         """Make written records visible; wake the consumer if it sleeps."""
         if not self.unpublished:
             return
-        self.unpublished = 0
+        self.unpublished = self.unpublished_records = 0
         words = self._seg_words
         words[WORD_WRITE_POS] = self._write
         fence()
@@ -190,6 +191,7 @@ class WriterCore(_Core):
         need = self._skip + ((RECORD_HEADER_SIZE + length + 7) & ~7)
         self._write += need
         self.unpublished += need  # a skipped tail too: `unpublished` is ring space in use
+        self.unpublished_records += 1
         self.records_written += 1
 
 
@@ -311,9 +313,19 @@ class SenderCore:
 
     def _published_soon(self) -> None:
         """A record was written: publish it at the end of this loop iteration, or now
-        once `early_publish_bytes` are unpublished."""
-        if self._writer.unpublished >= self.early_publish_bytes:  # type: ignore[attr-defined]
-            self._writer.publish()  # type: ignore[attr-defined]
+        once `early_publish_bytes` are unpublished and the consumer is awake (it goes on
+        with them), or once `wake_records` records or `wake_bytes` are (worth waking it
+        for)."""
+        writer = self._writer  # type: ignore[attr-defined]
+        if (
+            writer.unpublished >= self.wake_bytes  # type: ignore[attr-defined]
+            or writer.unpublished_records >= self.wake_records  # type: ignore[attr-defined]
+            or (
+                writer.unpublished >= self.early_publish_bytes  # type: ignore[attr-defined]
+                and not writer._words[WORD_READER_SLEEPING]  # ring.RingWriter's view of the header
+            )
+        ):
+            writer.publish()
         elif not self._publish_scheduled:  # type: ignore[has-type]
             self._loop.call_soon(self._publish)  # type: ignore[attr-defined]
             self._publish_scheduled = True
