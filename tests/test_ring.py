@@ -874,7 +874,7 @@ def test_c_and_python_cores_agree(capacity, rewind_at, ops):
                         answers.append(at)
                         if at >= 0:
                             shm.buf[at : at + min(fill, size)] = bytes([serial % 256]) * min(fill, size)
-                        writer.commit(kind, serial, commit)
+                        writer.commit(kind, serial, commit, serial % 3 + 1)
                         answers.append("committed")
                         writer.commit(kind, serial, 0)  # a reservation is good for one record
                     except ValueError as exc:
@@ -901,8 +901,9 @@ def test_c_and_python_cores_agree(capacity, rewind_at, ops):
                     answers.append(reader.read_batch(10_000))
                     reader.release()
                 # every shared word, and the wakeup bytes waiting in each pipe
-                answers.append((writer._write, writer._read, writer.unpublished, writer.records_written,
-                                reader._read, reader._records_read, [words[i] for i in range(0, 48, 8)],
+                answers.append((writer._write, writer._read, writer.unpublished, writer.unpublished_weight,
+                                writer.records_written, reader._read, reader._records_read,
+                                [words[i] for i in range(0, 48, 8)],
                                 pipe_pending(pipes[0]), pipe_pending(pipes[2])))
             assert answers[: len(answers) // 2] == answers[len(answers) // 2 :], op
         assert bytes(sides[0][0].buf) == bytes(sides[1][0].buf)
@@ -975,7 +976,7 @@ def test_c_and_python_senders_agree(ops):
         loop = RecordingLoop()
         sender = sender_type(pair.writer, loop, lambda: None)
         sender.early_publish_bytes = 512
-        sender.wake_records = 3
+        sender.wake_weight = 3
         sender.wake_bytes = 1024
         pairs.append(pair)
         senders.append(sender)
@@ -1001,7 +1002,7 @@ def test_c_and_python_senders_agree(ops):
                         if room is not None:
                             room[: op[2]] = bytes([serial % 256]) * min(op[1], op[2])
                             del room
-                            sender.commit(serial % 5, serial, min(op[1], op[2]))
+                            sender.commit(serial % 5, serial, min(op[1], op[2]), serial % 3 + 1)
                     except ValueError as exc:
                         answers.append(str(exc))
                 elif op[0] == "tick":
@@ -1017,7 +1018,7 @@ def test_c_and_python_senders_agree(ops):
                 answers.append((sender.records_sent, list(sender._overflow), sender._publish_scheduled,
                                 len(loop.soon), sender.backlogged, pair.writer.unpublished, pair.writer._write,
                                 pair.writer.records_written, pair.writer._words[8], list(loop.readers) != [],
-                                pair.writer.unpublished_records, pipe_pending(pair.wake_r)))
+                                pair.writer.unpublished_weight, pipe_pending(pair.wake_r)))
             assert answers[: len(answers) // 2] == answers[len(answers) // 2 :], op
         assert taken[0] == taken[1]
         for sender, loop in zip(senders, loops, strict=True):
@@ -1033,7 +1034,7 @@ def test_c_and_python_senders_agree(ops):
 @pytest.mark.parametrize("core", ["ring.py's", "ring_core"])
 def test_a_sleeping_consumer_is_woken_only_for_a_batch_worth_it(make_ring, core):
     """Records go to an awake consumer early (at early_publish_bytes); a sleeping one is
-    woken once wake_records records or wake_bytes are waiting, or at the end of the loop
+    woken once records of wake_weight or wake_bytes are waiting, or at the end of the loop
     iteration, whichever comes first; on either SenderCore."""
     if core == "ring.py's":
         sender_type = RingSender
@@ -1042,7 +1043,7 @@ def test_a_sleeping_consumer_is_woken_only_for_a_batch_worth_it(make_ring, core)
     pair = make_ring(64 * 1024)
     loop = RecordingLoop()
     sender = sender_type(pair.writer, loop, lambda: None)
-    sender.early_publish_bytes, sender.wake_records, sender.wake_bytes = 512, 4, 8192
+    sender.early_publish_bytes, sender.wake_weight, sender.wake_bytes = 512, 4, 8192
 
     def published() -> bool:
         return pair.writer._words[8] == pair.writer._write
@@ -1070,6 +1071,13 @@ def test_a_sleeping_consumer_is_woken_only_for_a_batch_worth_it(make_ring, core)
     sender.send(1, 1, b"e" * 100)
     assert not published()
     loop.run_soon()  # the end of the loop iteration
+    assert published() and pipe_pending(pair.wake_r) == 1
+    pair.reader.woken()
+    asleep()
+    room = sender.reserve(100)
+    room[:10] = b"f" * 10
+    del room
+    sender.commit(1, 1, 10, 4)  # a run of 4 requests (the conn process says so) is worth a wakeup
     assert published() and pipe_pending(pair.wake_r) == 1
 
 

@@ -286,15 +286,18 @@ static int commit_run(Core *self, const unsigned char *run, Py_ssize_t end, Py_s
     PyObject *sender = PyObject_GetAttr(self->link, s_sender);
     if (sender == NULL) return -1;
     self->progress = 1;
-    PyObject *record = NULL, *length = NULL, *conn_id = NULL, *done = NULL;
+    PyObject *record = NULL, *length = NULL, *conn_id = NULL, *weight = NULL, *done = NULL;
     unsigned long long number = 0;
     if (count_in(self->stats, s_requests, count) == 0 && (record = PyObject_GetAttr(sender, s_records_sent)) != NULL &&
         ((number = PyLong_AsUnsignedLongLong(record)) != (unsigned long long)-1 || !PyErr_Occurred()) &&
         sent_impl(self, self->worker, number, count, run, end) == 0 && (length = PyLong_FromSsize_t(end)) != NULL &&
-        (conn_id = PyLong_FromUnsignedLongLong(self->conn_id)) != NULL) {
-        PyObject *args[4] = {sender, packets_obj, conn_id, length};
-        done = PyObject_VectorcallMethod(s_commit, args, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        (conn_id = PyLong_FromUnsignedLongLong(self->conn_id)) != NULL &&
+        (weight = PyLong_FromSsize_t(count)) != NULL) {
+        /* weighed by its requests: see ring_core.WriterCore.commit */
+        PyObject *args[5] = {sender, packets_obj, conn_id, length, weight};
+        done = PyObject_VectorcallMethod(s_commit, args, 5 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
     }
+    Py_XDECREF(weight);
     Py_XDECREF(record);
     Py_XDECREF(length);
     Py_XDECREF(conn_id);

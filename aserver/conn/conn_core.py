@@ -122,7 +122,7 @@ class ConnCore:
             self.progress = True
             self.stats["requests"] += count
             self.sent(self.worker, sender.records_sent, count, room[:end])
-            sender.commit(records.PACKETS, self.conn_id, end)
+            sender.commit(records.PACKETS, self.conn_id, end, count)
         if end < nbytes:
             self.receive(bytes(room[end:nbytes]))  # type: ignore[attr-defined]
 

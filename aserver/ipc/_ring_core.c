@@ -25,7 +25,7 @@
 
 /* What aserver/native.py expects: raise it whenever a call's signature or meaning
    changes, so a stale build is not used. */
-#define RING_CORE_ABI 7
+#define RING_CORE_ABI 8
 
 #define DATA_OFFSET 384
 #define HEADER_SIZE 16
@@ -51,7 +51,7 @@ typedef struct {
     unsigned long long position; /* _write or _read: this side's own position */
     unsigned long long other;    /* writer: _read, the consumer's position as last seen */
     unsigned long long unpublished;
-    unsigned long long unpublished_records; /* writer: records written since the last publish */
+    unsigned long long unpublished_weight; /* writer: what the records since the last publish weigh */
     unsigned long long records; /* writer: records_written; reader: _records_read */
     unsigned long long rewind_at;
     Py_ssize_t max_payload;
@@ -213,7 +213,8 @@ static long long reserve_room(Core *self, unsigned long long length) {
 
 /* Make the first `length` reserved payload bytes (already in place) a record. The caller
    checked length <= reserved. */
-static void commit_record(Core *self, unsigned long long kind, unsigned long long conn_id, unsigned long long length) {
+static void commit_record(Core *self, unsigned long long kind, unsigned long long conn_id, unsigned long long length,
+                          unsigned long long weight) {
     self->reserved = -1;
     unsigned long long offset = self->position % self->capacity;
     if (self->skip) {
@@ -228,7 +229,7 @@ static void commit_record(Core *self, unsigned long long kind, unsigned long lon
     unsigned long long need = self->skip + ((HEADER_SIZE + length + 7) & ~7ull);
     self->position += need;
     self->unpublished += need; /* a skipped tail too: `unpublished` is ring space in use */
-    self->unpublished_records += 1;
+    self->unpublished_weight += weight;
     self->records += 1;
 }
 
@@ -404,7 +405,7 @@ static PyObject *writer_try_write(Core *self, PyObject *const *args, Py_ssize_t 
             to += parts[i].len;
         }
     }
-    commit_record(self, kind, conn_id, length);
+    commit_record(self, kind, conn_id, length, 1);
     result = Py_True;
     Py_INCREF(result);
 done:
@@ -470,21 +471,23 @@ static PyObject *writer_reserve(Core *self, PyObject *arg) {
 
 /* commit(kind, conn_id, length): see ring_core.WriterCore.commit. */
 static int commit_checked(Core *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "commit(kind, conn_id, length)");
+    if (nargs != 3 && nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "commit(kind, conn_id, length, weight=1)");
         return -1;
     }
     unsigned long long kind, conn_id;
     if (record_ids(args[0], args[1], &kind, &conn_id) < 0) return -1;
     Py_ssize_t length = PyLong_AsSsize_t(args[2]);
     if (length == -1 && PyErr_Occurred()) return -1;
+    unsigned long long weight = nargs == 4 ? PyLong_AsUnsignedLongLong(args[3]) : 1;
+    if (weight == (unsigned long long)-1 && PyErr_Occurred()) return -1;
     if (!attached(self)) return -1;
     if (length < 0 || length > self->reserved) {
         PyErr_Format(PyExc_ValueError, "commit of %zd bytes: %lld were reserved", length,
                      self->reserved > 0 ? self->reserved : 0);
         return -1;
     }
-    commit_record(self, kind, conn_id, (unsigned long long)length);
+    commit_record(self, kind, conn_id, (unsigned long long)length, weight);
     return 0;
 }
 
@@ -558,7 +561,7 @@ fail:
 static PyObject *writer_publish(Core *self, PyObject *Py_UNUSED(unused)) {
     if (self->unpublished == 0) Py_RETURN_NONE;
     if (!attached(self)) return NULL;
-    self->unpublished = self->unpublished_records = 0;
+    self->unpublished = self->unpublished_weight = 0;
     if (announce_then_load(self, WORD_WRITE_POS, self->position, WORD_READER_SLEEPING)) {
         store_word(self, WORD_READER_SLEEPING, 0); /* one byte per sleep */
         if (poke(self->wake_fd) < 0) return NULL;
@@ -626,7 +629,8 @@ static PyMethodDef writer_methods[] = {
     {"refer_to", (PyCFunction)(void (*)(void))writer_refer_to, METH_FASTCALL,
      "Write list parts that lie in `segment` as references (see ring_core.WriterCore.refer_to)."},
     {"commit", (PyCFunction)(void (*)(void))writer_commit, METH_FASTCALL,
-     "Make the first `length` reserved payload bytes (written in place) a record."},
+     "commit(kind, conn_id, length, weight=1): make the first `length` reserved payload bytes (written in place) "
+     "a record, of `weight` towards waking the consumer."},
     {"publish", (PyCFunction)writer_publish, METH_NOARGS,
      "Make written records visible; wake the consumer if it sleeps."},
     {"wait_for_space", (PyCFunction)writer_wait_for_space, METH_NOARGS,
@@ -660,7 +664,7 @@ static PyMemberDef writer_members[] = {
     {"_write", T_ULONGLONG, offsetof(Core, position), 0, NULL},
     {"_read", T_ULONGLONG, offsetof(Core, other), 0, NULL},
     {"unpublished", T_ULONGLONG, offsetof(Core, unpublished), 0, NULL},
-    {"unpublished_records", T_ULONGLONG, offsetof(Core, unpublished_records), 0, NULL},
+    {"unpublished_weight", T_ULONGLONG, offsetof(Core, unpublished_weight), 0, NULL},
     {"records_written", T_ULONGLONG, offsetof(Core, records), 0, NULL},
     {"wake_fd", T_INT, offsetof(Core, wake_fd), 0, NULL},
     {"space_fd", T_INT, offsetof(Core, space_fd), 0, NULL},
@@ -708,7 +712,7 @@ typedef struct {
     PyObject *writer;   /* _writer: a RingWriter (a WriterCore) */
     PyObject *overflow; /* _overflow: records waiting for room */
     PyObject *loop;     /* _loop */
-    unsigned long long early_publish, wake_bytes, wake_records;
+    unsigned long long early_publish, wake_bytes, wake_weight;
     char publish_scheduled;
 } Sender;
 
@@ -718,7 +722,7 @@ static PyObject *s_wait, *s_publish, *s_publish_later, *s_call_soon;
    ring_core.SenderCore._published_soon). A new reference, or NULL on error. */
 static PyObject *published_soon(Sender *self, PyObject *writer, PyObject *loop) {
     const Core *core = (const Core *)writer;
-    if (core->unpublished >= self->wake_bytes || core->unpublished_records >= self->wake_records ||
+    if (core->unpublished >= self->wake_bytes || core->unpublished_weight >= self->wake_weight ||
         (core->unpublished >= self->early_publish && !load_word(core, WORD_READER_SLEEPING)))
         return PyObject_CallMethodNoArgs(writer, s_publish);
     if (self->publish_scheduled) return Py_NewRef(Py_None);
@@ -844,7 +848,7 @@ static PyMethodDef sender_methods[] = {
     {"reserve", (PyCFunction)sender_reserve, METH_O,
      "Room for a record of up to `length` payload bytes to fill in place, or None (see ring_core.SenderCore)."},
     {"commit", (PyCFunction)(void (*)(void))sender_commit, METH_FASTCALL,
-     "Send the first `length` bytes of the reserved room as a record."},
+     "commit(kind, conn_id, length, weight=1): send the first `length` bytes of the reserved room as a record."},
     {NULL},
 };
 
@@ -854,7 +858,7 @@ static PyMemberDef sender_members[] = {
     {"_loop", T_OBJECT, offsetof(Sender, loop), 0, NULL},
     {"early_publish_bytes", T_ULONGLONG, offsetof(Sender, early_publish), 0, NULL},
     {"wake_bytes", T_ULONGLONG, offsetof(Sender, wake_bytes), 0, NULL},
-    {"wake_records", T_ULONGLONG, offsetof(Sender, wake_records), 0, NULL},
+    {"wake_weight", T_ULONGLONG, offsetof(Sender, wake_weight), 0, NULL},
     {"_publish_scheduled", T_BOOL, offsetof(Sender, publish_scheduled), 0, NULL},
     {NULL},
 };

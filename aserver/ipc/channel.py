@@ -18,11 +18,12 @@ log = logging.getLogger(__name__)
 # Records are published at the end of the loop iteration that wrote them, or sooner: once
 # EARLY_PUBLISH_BYTES are written while the consumer is awake (it goes on with them while
 # the rest are written; without it the two processes convoy), and while it sleeps, once
-# WAKE_RECORDS records or a WAKE_SHARE of the ring are: a wakeup costs both processes, and
-# waking the worker at 8 KiB, for nearly every 16 KiB request, cost a quarter of the
-# throughput at 50 x 4 x 16 KiB (perf/README.md, ninth round).
+# records of WAKE_WEIGHT (a record weighs 1, a conn process's run of requests their
+# number) or a WAKE_SHARE of the ring are: a wakeup costs both processes, and waking the
+# worker at 8 KiB, for nearly every 16 KiB request, cost a quarter of the throughput at
+# 50 x 4 x 16 KiB (perf/README.md, ninth round).
 EARLY_PUBLISH_BYTES = 8192
-WAKE_RECORDS = 64
+WAKE_WEIGHT = 64
 WAKE_SHARE = 8
 # Safety net against a lost wakeup; also retries a sender waiting for room.
 POLL_INTERVAL = 0.1
@@ -53,7 +54,7 @@ class RingSenderBase:
         self._publish_scheduled = False
         self.early_publish_bytes = EARLY_PUBLISH_BYTES
         self.wake_bytes = writer.capacity // WAKE_SHARE
-        self.wake_records = WAKE_RECORDS
+        self.wake_weight = WAKE_WEIGHT
         self._waiting = False
         self._poll: asyncio.TimerHandle | None = None
         self._retry_soon: asyncio.Handle | None = None  # the one _retry on its way, if any

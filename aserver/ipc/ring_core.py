@@ -77,7 +77,7 @@ class WriterCore(_Core):
         self._write = 0  # our position, made visible by `publish`
         self._read = 0  # the consumer's position as we last read it
         self.unpublished = 0
-        self.unpublished_records = 0
+        self.unpublished_weight = 0  # what the records since the last publish weigh (see commit)
         self.records_written = 0
         self._reserved = -1  # payload bytes `reserve` found room for (-1: none)
         self._skip = 0
@@ -112,7 +112,7 @@ class WriterCore(_Core):
         """Make written records visible; wake the consumer if it sleeps."""
         if not self.unpublished:
             return
-        self.unpublished = self.unpublished_records = 0
+        self.unpublished = self.unpublished_weight = 0
         words = self._seg_words
         words[WORD_WRITE_POS] = self._write
         fence()
@@ -173,8 +173,10 @@ class WriterCore(_Core):
         self._skip = need - size  # the tail left before going back to 0 (a WRAP), or 0
         return DATA_OFFSET + RECORD_HEADER_SIZE + (0 if self._skip else offset)
 
-    def commit(self, kind: int, conn_id: int, length: int) -> None:
-        """Make the first `length` payload bytes of the room `reserve` found a record."""
+    def commit(self, kind: int, conn_id: int, length: int, weight: int = 1) -> None:
+        """Make the first `length` payload bytes of the room `reserve` found a record.
+        `weight` is what the record is worth to its consumer, towards waking it (the conn
+        process weighs a run of requests by their number; anything else weighs 1)."""
         if not 0 <= kind <= 0xFFFFFFFF:
             raise OverflowError("record kind does not fit in 32 bits")
         if kind == KIND_WRAP:
@@ -191,7 +193,7 @@ class WriterCore(_Core):
         need = self._skip + ((RECORD_HEADER_SIZE + length + 7) & ~7)
         self._write += need
         self.unpublished += need  # a skipped tail too: `unpublished` is ring space in use
-        self.unpublished_records += 1
+        self.unpublished_weight += weight
         self.records_written += 1
 
 
@@ -306,20 +308,21 @@ class SenderCore:
         at = writer.reserve(length)
         return None if at < 0 else writer._buf[at : at + length]  # ring.RingWriter's segment
 
-    def commit(self, kind: int, conn_id: int, length: int) -> None:
-        """Send the first `length` bytes of the reserved room as a record."""
-        self._writer.commit(kind, conn_id, length)  # type: ignore[attr-defined]
+    def commit(self, kind: int, conn_id: int, length: int, weight: int = 1) -> None:
+        """Send the first `length` bytes of the reserved room as a record (of `weight`:
+        see WriterCore.commit)."""
+        self._writer.commit(kind, conn_id, length, weight)  # type: ignore[attr-defined]
         self._published_soon()
 
     def _published_soon(self) -> None:
         """A record was written: publish it at the end of this loop iteration, or now
         once `early_publish_bytes` are unpublished and the consumer is awake (it goes on
-        with them), or once `wake_records` records or `wake_bytes` are (worth waking it
-        for)."""
+        with them), or once records of `wake_weight` or `wake_bytes` are (worth waking
+        it for)."""
         writer = self._writer  # type: ignore[attr-defined]
         if (
             writer.unpublished >= self.wake_bytes  # type: ignore[attr-defined]
-            or writer.unpublished_records >= self.wake_records  # type: ignore[attr-defined]
+            or writer.unpublished_weight >= self.wake_weight  # type: ignore[attr-defined]
             or (
                 writer.unpublished >= self.early_publish_bytes  # type: ignore[attr-defined]
                 and not writer._words[WORD_READER_SLEEPING]  # ring.RingWriter's view of the header
