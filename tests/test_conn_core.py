@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import os
 import socket
+import tracemalloc
 from itertools import count
 
 import pytest
@@ -302,6 +304,83 @@ def test_c_and_python_cores_count_runs_in_flight_alike(c_protocol, ops) -> None:
                 answers.append([tuple(entry) for entry in core.take_inflight(op[1])])
             answers.append((core.in_flight(), core.outstanding))
         assert answers[: len(answers) // 2] == answers[len(answers) // 2 :], op
+
+
+RUN_OF_5 = b"".join(PacketCodec().encode(1, b"x", seq_num=i) for i in range(5))  # headers past an entry's 40 bytes
+
+
+def new_c_core():
+    core = client_protocol.ConnCore()
+    core.outstanding, core.big_endian = 0, False
+    return core
+
+
+def churn_runs_in_flight() -> None:
+    core = new_c_core()
+    for record in range(8):  # past the two runs kept in the object, two workers interleaved
+        core.sent(record % 2, record, 5, RUN_OF_5)
+    core.answered(0, 5)  # the front run answered: dropped
+    core.take_inflight(1)  # worker 1 died: its runs are handed over and dropped here
+    with pytest.raises(ValueError):
+        core.sent(0, 99, 5, RUN_OF_5[:-1])  # the fifth packet cut short
+    core.answered(0, 10)
+    del core  # what is left, and the grown array, go with the object
+
+
+def test_the_c_core_frees_what_its_runs_in_flight_held(c_protocol) -> None:
+    churn_runs_in_flight()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(300):
+            churn_runs_in_flight()
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 8000, grown  # one leaked run's headers (90 bytes) per churn would be 27 kB
+
+
+def test_a_run_the_c_core_cannot_allocate_for_changes_nothing(c_protocol) -> None:
+    _testcapi = pytest.importorskip("_testcapi")
+    core = new_c_core()
+    core.sent(0, 0, 5, RUN_OF_5)
+    core.sent(0, 1, 1, RUN_OF_5)  # the two runs kept in the object are taken
+    state = (core.in_flight(), core.outstanding)
+    failures = 0
+    for nth in range(10):  # fail the nth allocation: the array's growth, then the headers'
+        error = None
+        _testcapi.set_nomemory(nth, nth + 1)
+        try:
+            core.sent(1, 2, 5, RUN_OF_5)
+        except MemoryError as exc:
+            error = exc
+        finally:
+            _testcapi.remove_mem_hooks()
+        if error is None:
+            break
+        failures += 1
+        assert (core.in_flight(), core.outstanding) == state
+    assert failures == 2
+    core.answered(0, 6)
+    assert [run[:3] for run in core.in_flight()] == [(1, 2, 5)]
+
+
+@pytest.mark.parametrize("core", ["c", "python"])
+def test_a_run_is_committed_weighing_its_requests(c_protocol, core) -> None:
+    """A read of 3 requests is one record that counts 3 towards waking a sleeping worker."""
+    codec = PacketCodec(ByteOrder.NETWORK)
+    side = Side(c_protocol if core == "c" else PythonProtocol, ByteOrder.NETWORK)
+    try:
+        conn = side.conns[0][0]
+        writer = side.server.links[conn.worker].sender._writer
+        writer.publish()
+        records_before = writer.records_written
+        feed(conn, b"".join(codec.encode(1, b"a" * 10, seq_num=i) for i in range(3)))
+        assert (writer.unpublished_weight, writer.records_written - records_before) == (3, 1)
+    finally:
+        side.close()
 
 
 def test_runs_that_wait_for_a_full_ring_pause_their_connection_and_are_counted(c_protocol) -> None:

@@ -824,6 +824,7 @@ async def test_receiver_wakes_on_pipe_after_idle(make_ring):
 )
 @example(capacity=512, rewind_at=NO_REWIND, ops=[("write", 300, 1), ("drain",), ("reserve", 100, 50, 40, 2),
                                                  ("reserve", 100, 100, 101, 2), ("reserve", 0, 0, 0, 2**32 - 1)])
+@example(capacity=512, rewind_at=NO_REWIND, ops=[("prepare_sleep",), ("woken",)])  # woken clears the flag
 @example(  # a sleeper is poked once however often the other side publishes; woken empties the pipe
     capacity=512, rewind_at=NO_REWIND, ops=[("prepare_sleep",), ("publish",), ("write", 10, 1), ("publish",),
                                             ("write", 10, 1), ("publish",), ("prepare_sleep",), ("woken",),

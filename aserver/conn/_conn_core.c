@@ -11,6 +11,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <limits.h>
 #include <stdint.h>
 #include <string.h>
 #include <errno.h>
@@ -120,6 +121,17 @@ static int copy_headers(unsigned char *to, const unsigned char *run, Py_ssize_t 
     return 0;
 }
 
+/* A worker index from Python (-1 with an exception if it is not an int's worth). */
+static int as_worker(PyObject *value) {
+    long worker = PyLong_AsLong(value);
+    if (worker == -1 && PyErr_Occurred()) return -1;
+    if (worker < INT_MIN || worker > INT_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "worker index out of range");
+        return -1;
+    }
+    return (int)worker;
+}
+
 static InFlightRun *run_at(Core *self, Py_ssize_t i) {
     return &self->inflight[(self->inflight_head + i) % self->inflight_cap];
 }
@@ -175,13 +187,27 @@ static int sent_impl(Core *self, int worker, unsigned long long record, Py_ssize
 }
 
 /* Drop the answered runs at the front (a run answered behind another worker's stays
-   until that one is). */
+   until that one is); with none left, an allocated array goes back to first_runs. */
 static void pop_answered(Core *self) {
     while (self->inflight_len && run_at(self, 0)->remaining == 0) {
         free_run(run_at(self, 0));
         self->inflight_head = (self->inflight_head + 1) % self->inflight_cap;
         self->inflight_len -= 1;
     }
+    if (self->inflight_len == 0 && self->inflight != NULL && self->inflight != self->first_runs) {
+        PyMem_Free(self->inflight);
+        self->inflight = self->first_runs;
+        self->inflight_cap = INLINE_RUNS;
+        self->inflight_head = 0;
+    }
+}
+
+/* Forget the run sent last (its record was not written after all). */
+static void unsend_last(Core *self) {
+    InFlightRun *entry = run_at(self, self->inflight_len - 1);
+    self->outstanding -= entry->remaining;
+    free_run(entry);
+    self->inflight_len -= 1;
 }
 
 static void answered_impl(Core *self, int worker, Py_ssize_t count) {
@@ -288,14 +314,17 @@ static int commit_run(Core *self, const unsigned char *run, Py_ssize_t end, Py_s
     self->progress = 1;
     PyObject *record = NULL, *length = NULL, *conn_id = NULL, *weight = NULL, *done = NULL;
     unsigned long long number = 0;
-    if (count_in(self->stats, s_requests, count) == 0 && (record = PyObject_GetAttr(sender, s_records_sent)) != NULL &&
+    if ((record = PyObject_GetAttr(sender, s_records_sent)) != NULL &&
         ((number = PyLong_AsUnsignedLongLong(record)) != (unsigned long long)-1 || !PyErr_Occurred()) &&
-        sent_impl(self, self->worker, number, count, run, end) == 0 && (length = PyLong_FromSsize_t(end)) != NULL &&
-        (conn_id = PyLong_FromUnsignedLongLong(self->conn_id)) != NULL &&
-        (weight = PyLong_FromSsize_t(count)) != NULL) {
+        sent_impl(self, self->worker, number, count, run, end) == 0) {
         /* weighed by its requests: see ring_core.WriterCore.commit */
-        PyObject *args[5] = {sender, packets_obj, conn_id, length, weight};
-        done = PyObject_VectorcallMethod(s_commit, args, 5 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        if ((length = PyLong_FromSsize_t(end)) != NULL && (conn_id = PyLong_FromUnsignedLongLong(self->conn_id)) != NULL &&
+            (weight = PyLong_FromSsize_t(count)) != NULL) {
+            PyObject *args[5] = {sender, packets_obj, conn_id, length, weight};
+            done = PyObject_VectorcallMethod(s_commit, args, 5 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        }
+        if (done == NULL) unsend_last(self); /* no record: nothing in flight either */
+        else if (count_in(self->stats, s_requests, count) < 0) Py_CLEAR(done);
     }
     Py_XDECREF(weight);
     Py_XDECREF(record);
@@ -351,7 +380,7 @@ static PyObject *core_sent(Core *self, PyObject *const *args, Py_ssize_t nargs) 
         PyErr_SetString(PyExc_TypeError, "sent(worker, record, count, run)");
         return NULL;
     }
-    int worker = _PyLong_AsInt(args[0]);
+    int worker = as_worker(args[0]);
     if (worker == -1 && PyErr_Occurred()) return NULL;
     unsigned long long record = PyLong_AsUnsignedLongLong(args[1]);
     if (record == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
@@ -370,7 +399,7 @@ static PyObject *core_answered(Core *self, PyObject *const *args, Py_ssize_t nar
         PyErr_SetString(PyExc_TypeError, "answered(worker, count)");
         return NULL;
     }
-    int worker = _PyLong_AsInt(args[0]);
+    int worker = as_worker(args[0]);
     if (worker == -1 && PyErr_Occurred()) return NULL;
     Py_ssize_t count = PyLong_AsSsize_t(args[1]);
     if (count == -1 && PyErr_Occurred()) return NULL;
@@ -380,7 +409,7 @@ static PyObject *core_answered(Core *self, PyObject *const *args, Py_ssize_t nar
 
 /* take_inflight(worker): see conn_core.ConnCore.take_inflight. */
 static PyObject *core_take_inflight(Core *self, PyObject *arg) {
-    int worker = _PyLong_AsInt(arg);
+    int worker = as_worker(arg);
     if (worker == -1 && PyErr_Occurred()) return NULL;
     PyObject *taken = PyList_New(0);
     if (taken == NULL) return NULL;
@@ -644,7 +673,7 @@ static PyObject *core_route_replies(PyObject *unused, PyObject *const *args, Py_
     }
     PyObject *connections = args[0], *pending = args[1], *stats = args[2], *batch = args[4];
     PyObject *requests = args[5];
-    int worker = _PyLong_AsInt(args[3]);
+    int worker = as_worker(args[3]);
     if (worker == -1 && PyErr_Occurred()) return NULL;
     unsigned long long released = 0;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(batch); i++) {

@@ -120,9 +120,13 @@ class ConnCore:
         if count:
             sender = self.link.sender
             self.progress = True
-            self.stats["requests"] += count
             self.sent(self.worker, sender.records_sent, count, room[:end])
-            sender.commit(records.PACKETS, self.conn_id, end, count)
+            try:
+                sender.commit(records.PACKETS, self.conn_id, end, count)
+            except BaseException:
+                self._unsend_last()  # no record: nothing in flight either
+                raise
+            self.stats["requests"] += count
         if end < nbytes:
             self.receive(bytes(room[end:nbytes]))  # type: ignore[attr-defined]
 
@@ -151,6 +155,11 @@ class ConnCore:
         # Answered runs leave from the front (one behind another worker's stays until that one is).
         while queue and not queue[0][2]:
             queue.popleft()
+
+    def _unsend_last(self) -> None:
+        """Forget the run sent last (its record was not written after all)."""
+        run = self._inflight.pop()  # type: ignore[union-attr]
+        self.outstanding -= run[2]
 
     def take_inflight(self, worker: int) -> list[InFlight]:
         """`worker`'s runs not fully answered, oldest first; all its runs are forgotten

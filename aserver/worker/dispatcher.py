@@ -219,7 +219,7 @@ class Dispatcher:
                         pos, count = self._run_inline(conn, payload)
                     taken[0] += count
                     if len(kept) >= KEPT_VIEWS_LIMIT:
-                        self._flush()
+                        self._write_and_publish()
                         self._release_kept_views()
                 size = len(payload)
                 if pos == size:
@@ -508,6 +508,9 @@ class Dispatcher:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        self._write_and_publish()
+
+    def _write_and_publish(self) -> None:
         self._write_boxes()
         # This already is the end of a batch: publish now rather than one loop
         # iteration later.
