@@ -85,8 +85,8 @@ static void store_word(const Core *self, int index, uint64_t value) {
 /* Store one of our words (a position or a flag), then read one of the other side's: the
    full fence keeps the load from passing the store (each side announces itself before it
    looks at the other, so no wakeup is lost). ring_core.fence is the pure-Python one. */
-static uint64_t announce_then_load(const Core *self, int flag, uint64_t value, int index) {
-    store_word(self, flag, value);
+static uint64_t announce_then_load(const Core *self, int word, uint64_t value, int index) {
+    store_word(self, word, value);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     return load_word(self, index);
 }
@@ -558,14 +558,19 @@ fail:
 
 /* The per-batch steps: ring_core.WriterCore and ReaderCore describe each. */
 
+/* Publish one of our positions, then wake the other side through `fd` if its flag says
+   it waits (clearing the flag first: one byte per wait). */
+static int announce_and_wake(const Core *self, int word, uint64_t value, int flag, int fd) {
+    if (!announce_then_load(self, word, value, flag)) return 0;
+    store_word(self, flag, 0);
+    return poke(fd);
+}
+
 static PyObject *writer_publish(Core *self, PyObject *Py_UNUSED(unused)) {
     if (self->unpublished == 0) Py_RETURN_NONE;
     if (!attached(self)) return NULL;
     self->unpublished = self->unpublished_weight = 0;
-    if (announce_then_load(self, WORD_WRITE_POS, self->position, WORD_READER_SLEEPING)) {
-        store_word(self, WORD_READER_SLEEPING, 0); /* one byte per sleep */
-        if (poke(self->wake_fd) < 0) return NULL;
-    }
+    if (announce_and_wake(self, WORD_WRITE_POS, self->position, WORD_READER_SLEEPING, self->wake_fd) < 0) return NULL;
     Py_RETURN_NONE;
 }
 
@@ -597,10 +602,7 @@ static PyObject *reader_release(Core *self, PyObject *Py_UNUSED(unused)) {
     if (!attached(self)) return NULL;
     if (load_word(self, WORD_READ_POS) == self->position) Py_RETURN_NONE;
     store_word(self, WORD_RECORDS_READ, self->records);
-    if (announce_then_load(self, WORD_READ_POS, self->position, WORD_WRITER_WAITING)) {
-        store_word(self, WORD_WRITER_WAITING, 0); /* one byte per wait */
-        if (poke(self->space_fd) < 0) return NULL;
-    }
+    if (announce_and_wake(self, WORD_READ_POS, self->position, WORD_WRITER_WAITING, self->space_fd) < 0) return NULL;
     Py_RETURN_NONE;
 }
 

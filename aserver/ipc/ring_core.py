@@ -32,6 +32,23 @@ def fence() -> None:
     _fence_lock.release()
 
 
+def announce_then_load(words: memoryview, word: int, value: int, index: int) -> int:
+    """Store one of our words (a position or a flag), then read one of the other side's:
+    the fence keeps the load from passing the store (each side announces itself before
+    it looks at the other, so no wakeup is lost)."""
+    words[word] = value
+    fence()
+    return words[index]
+
+
+def announce_and_wake(words: memoryview, word: int, value: int, flag: int, fd: int) -> None:
+    """Publish one of our positions, then wake the other side through `fd` if its flag
+    says it waits (clearing the flag first: one byte per wait)."""
+    if announce_then_load(words, word, value, flag):
+        words[flag] = 0
+        poke(fd)
+
+
 def poke(fd: int) -> None:
     """One byte down a wake pipe."""
     try:
@@ -113,23 +130,15 @@ class WriterCore(_Core):
         if not self.unpublished:
             return
         self.unpublished = self.unpublished_weight = 0
-        words = self._seg_words
-        words[WORD_WRITE_POS] = self._write
-        fence()
-        if words[WORD_READER_SLEEPING]:
-            words[WORD_READER_SLEEPING] = 0  # one byte per sleep
-            poke(self.wake_fd)
+        announce_and_wake(self._seg_words, WORD_WRITE_POS, self._write, WORD_READER_SLEEPING, self.wake_fd)
 
     def wait_for_space(self) -> bool:
         """Announce that we wait for room. Returns True if room appeared meanwhile
         (then do not wait); otherwise the space pipe will become readable."""
-        words = self._seg_words
-        words[WORD_WRITER_WAITING] = 1
-        fence()
-        read = words[WORD_READ_POS]
+        read = announce_then_load(self._seg_words, WORD_WRITER_WAITING, 1, WORD_READ_POS)
         if read != self._read:
             self._read = read
-            words[WORD_WRITER_WAITING] = 0
+            self._seg_words[WORD_WRITER_WAITING] = 0
             return True
         return False
 
@@ -252,20 +261,13 @@ class ReaderCore(_Core):
         if words[WORD_READ_POS] == self._read:
             return
         words[WORD_RECORDS_READ] = self._records_read
-        words[WORD_READ_POS] = self._read
-        fence()
-        if words[WORD_WRITER_WAITING]:
-            words[WORD_WRITER_WAITING] = 0  # one byte per wait
-            poke(self.space_fd)
+        announce_and_wake(words, WORD_READ_POS, self._read, WORD_WRITER_WAITING, self.space_fd)
 
     def prepare_sleep(self) -> bool:
         """Say we are going to wait. Returns False if records arrived meanwhile (drain
         again instead of waiting)."""
-        words = self._seg_words
-        words[WORD_READER_SLEEPING] = 1
-        fence()
-        if words[WORD_WRITE_POS] != self._read:
-            words[WORD_READER_SLEEPING] = 0
+        if announce_then_load(self._seg_words, WORD_READER_SLEEPING, 1, WORD_WRITE_POS) != self._read:
+            self._seg_words[WORD_READER_SLEEPING] = 0
             return False
         return True
 
